@@ -1,0 +1,34 @@
+# The two commands a newcomer runs (see README.md):
+#   make study   set up the virtual environment and run the main job
+#   make test    set up the virtual environment and run the tests
+# torch 2.13.0 (CPU build) is installed first, so that no other requirement lets pip
+# choose a newer torch and pull a CUDA build of several GB.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.normlab-installed
+
+.PHONY: setup study test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[lab,test]'
+	touch $(STAMP)
+
+study: $(STAMP)
+	$(VENV)/bin/normlab demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,141 @@
+"""What every normlab normalization layer shares: channel count, affine parameters,
+running statistics with torch.nn's conventions, and input checks that name the layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlab import functional as F
+
+__all__ = ["NormBase", "Identity"]
+
+
+def _check_num_channels(cls_name: str, num_channels) -> int:
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(
+            f"{cls_name}: num_channels must be a positive int (the channel count comes first, "
+            f"as in timm), got {num_channels!r}"
+        )
+    return num_channels
+
+
+class NormBase(nn.Module):
+    """Base class of normlab's normalization layers over ``(N, C, *)`` input.
+
+    Holds ``num_channels``, ``eps``, the per-channel affine ``weight`` (ones) and
+    ``bias`` (zeros) when ``affine``, and, when ``track_running_stats``, the buffers
+    ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``
+    under the same names as torch.nn, so checkpoints load both ways.
+
+    ``momentum`` is the weight of the new batch in the running average (torch.nn's
+    convention; Keras's and Flax's ``momentum=0.99`` is ``0.01`` here); ``None``
+    makes the running statistics a cumulative average over all batches seen.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = _check_num_channels(type(self).__name__, num_channels)
+        if eps is not None and eps < 0:
+            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: momentum must be in [0, 1] (weight of the new batch) "
+                f"or None (cumulative average), got {momentum}"
+            )
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
+            self.register_buffer("running_var", torch.ones(num_channels, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    @property
+    def layer_name(self) -> str:
+        """The name used in error messages, e.g. ``BatchNorm(64)``."""
+        return f"{type(self).__name__}({self.num_channels})"
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: Tensor, min_dim: int = 2) -> None:
+        F.check_input(x, self.num_channels, self.layer_name, min_dim)
+
+    def _momentum_factor(self) -> float:
+        """Count this training batch and return the weight of its statistics."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before num_batches_tracked existed (torch.nn version 1)
+        # lack the counter: start it at 0 rather than fail, as torch.nn does.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.num_channels}", f"eps={self.eps}"]
+        if self.track_running_stats:
+            parts.append(f"momentum={self.momentum}")
+        parts.append(f"affine={self.affine}")
+        if self.track_running_stats:
+            parts.append("track_running_stats=True")
+        return ", ".join(parts)
+
+
+class Identity(nn.Module):
+    """No normalization: returns its input. Takes the channel count (and ignores any
+    normalization keyword) so that it can stand wherever a norm layer is built by name
+    (``create_norm("none", C)``)."""
+
+    def __init__(self, num_channels: int | None = None, **ignored) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return "" if self.num_channels is None else f"{self.num_channels}"

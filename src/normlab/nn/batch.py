@@ -1,0 +1,200 @@
+"""Batch-statistics normalization: BatchNorm and Batch Renormalization."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from normlab import functional as F
+from normlab.nn.base import NormBase
+
+__all__ = ["BatchNorm", "BatchRenorm", "PAPER_RENORM_WARMUP"]
+
+#: Batch Renorm's schedule in Ioffe (2017): plain BN for 5k steps, then r_max reaches
+#: its final value at 40k steps and d_max at 25k.
+PAPER_RENORM_WARMUP = (5000, 40000, 25000)
+
+
+class BatchNorm(NormBase):
+    r"""Batch Normalization (Ioffe & Szegedy, 2015) for input of any rank.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    The mean and the biased variance are taken per channel over the batch and every
+    trailing dimension, ``(N, *)``. One class serves what torch.nn splits into
+    BatchNorm1d, 2d and 3d, with the same results, state_dict keys and conventions,
+    so checkpoints load in both directions.
+
+    In training (``track_running_stats=True``) the running statistics are updated as
+    :math:`\hat{r} \leftarrow (1 - m)\,\hat{r} + m\,r_B`, with :math:`m` the
+    ``momentum`` and the batch variance Bessel-corrected (unbiased), as in torch.nn;
+    ``momentum=None`` makes them a cumulative average. In eval they normalize. With
+    ``track_running_stats=False`` batch statistics are used in eval too.
+
+    NaN or inf in the input gives NaN in the output, and the affected channels'
+    running statistics are *not* updated: a RuntimeWarning names the layer and the
+    channels, so a bad batch never silently poisons a checkpoint.
+
+    Args:
+        num_channels: C, the size of dimension 1 of the input.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: weight of the new batch in the running statistics, or None for a
+            cumulative average. Default: 0.1.
+        affine: learn a per-channel scale :math:`\gamma` (init 1) and shift
+            :math:`\beta` (init 0). Default: True.
+        track_running_stats: keep running statistics for eval. Default: True.
+
+    Shape:
+        - Input: :math:`(N, C, *)`, at least 2 dimensions.
+        - Mask (optional, in ``forward``): bool, broadcastable to the input, True for
+          valid elements; padded elements take no part in the statistics.
+        - Output: same shape as the input.
+
+    Raises:
+        ValueError: wrong rank or channel count, or training on one value per
+            channel (``N * prod(*) == 1``).
+
+    Example::
+
+        >>> bn = normlab.nn.BatchNorm(16)
+        >>> y = bn(torch.randn(8, 16, 32, 32))
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            factor = self._momentum_factor()
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=factor,
+            eps=self.eps,
+            mask=mask,
+            name=self.layer_name,
+        )
+
+
+class BatchRenorm(NormBase):
+    r"""Batch Renormalization (Ioffe, 2017): batch norm that corrects towards the
+    running statistics, so training and inference agree even for small or non-i.i.d.
+    batches.
+
+    In training, with :math:`\sigma = \sqrt{\mathrm{running\_var} + \epsilon}`,
+    :math:`\mu = \mathrm{running\_mean}` and the batch's :math:`\mu_B,
+    \sigma_B = \sqrt{\sigma_B^2 + \epsilon}`:
+
+    .. math::
+        r = \mathrm{sg}\big[\mathrm{clip}_{[1/r_{max}, r_{max}]}(\sigma_B/\sigma)\big], \quad
+        d = \mathrm{sg}\big[\mathrm{clip}_{[-d_{max}, d_{max}]}((\mu_B - \mu)/\sigma)\big]
+
+    .. math::
+        y = \gamma\left(\frac{x - \mu_B}{\sigma_B}\, r + d\right) + \beta
+
+    (sg: no gradient flows through r and d). In eval,
+    :math:`y = \gamma (x - \mu)/\sigma + \beta`. With ``r_max=1`` and ``d_max=0`` it
+    is exactly :class:`BatchNorm`.
+
+    The running statistics follow torch.nn's conventions (``running_mean`` and the
+    unbiased ``running_var``, updated with weight ``momentum``) so that the
+    state_dict is BatchNorm's; the paper averages :math:`\sigma` instead of the
+    variance, which differs only in second order.
+
+    Args:
+        num_channels: C.
+        eps: Default: 1e-5.
+        momentum: weight of the new batch in the running statistics. Default: 0.1.
+            (The paper recommends a faster update than for plain BN, since the
+            running statistics enter the training output.)
+        affine: Default: True.
+        r_max: final limit of r. Default: 3 (the paper's).
+        d_max: final limit of d. Default: 5 (the paper's).
+        warmup: None to apply ``r_max`` and ``d_max`` from the first step, or
+            ``(start, r_end, d_end)``: plain batch norm until step ``start``, then
+            linear relaxation to ``r_max`` at ``r_end`` and to ``d_max`` at ``d_end``;
+            ``"paper"`` is :data:`PAPER_RENORM_WARMUP` ``(5000, 40000, 25000)``. The
+            step is ``num_batches_tracked``. Default: None.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup: tuple[int, int, int] | str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        name = f"BatchRenorm({num_channels})"
+        if momentum is None:
+            raise ValueError(f"{name}: momentum must be a number in (0, 1], got None")
+        if r_max < 1:
+            raise ValueError(f"{name}: r_max must be >= 1, got {r_max}")
+        if d_max < 0:
+            raise ValueError(f"{name}: d_max must be >= 0, got {d_max}")
+        if warmup == "paper":
+            warmup = PAPER_RENORM_WARMUP
+        if warmup is not None and (len(warmup) != 3 or not all(int(s) >= 0 for s in warmup)):
+            raise ValueError(
+                f"{name}: warmup must be None, 'paper' or (start, r_end, d_end) steps, "
+                f"got {warmup!r}"
+            )
+        super().__init__(num_channels, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup = None if warmup is None else tuple(int(s) for s in warmup)
+
+    def current_limits(self) -> tuple[float, float]:
+        """``(r_max, d_max)`` that the next training step will use."""
+        return F.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max, self.warmup)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return F.batch_renorm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                training=False, eps=self.eps,
+            )
+        r_max, d_max = self.current_limits()
+        factor = self._momentum_factor()
+        return F.batch_renorm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=True,
+            momentum=factor,
+            eps=self.eps,
+            r_max=r_max,
+            d_max=d_max,
+            mask=mask,
+            name=self.layer_name,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup={self.warmup}"

@@ -1,0 +1,226 @@
+"""Per-sample normalization: LayerNorm, ChannelLayerNorm, RMSNorm, InstanceNorm,
+GroupNorm. No statistic crosses the batch, so a sample's output does not depend on
+the rest of its batch, in training or in eval, and batch size 1 works."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from normlab import functional as F
+from normlab.nn.base import NormBase
+
+__all__ = [
+    "LayerNorm",
+    "ChannelLayerNorm",
+    "LayerNorm2d",
+    "RMSNorm",
+    "InstanceNorm",
+    "GroupNorm",
+    "choose_num_groups",
+]
+
+
+class LayerNorm(NormBase):
+    r"""Layer Normalization (Ba, Kiros & Hinton, 2016) over ``C x *`` of each sample.
+
+    .. math::
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_n}{\sqrt{\sigma_n^2 + \epsilon}}\,\gamma_c + \beta_c
+
+    :math:`\mu_n` and :math:`\sigma_n^2` (biased) are taken over every element of
+    sample n, the definition of the seed articles; the affine is per channel. On
+    ``(N, C)`` input it equals ``torch.nn.LayerNorm(C)`` (same state_dict keys).
+    For the channels-only variant of ConvNeXt, see :class:`ChannelLayerNorm`.
+
+    Args:
+        num_channels: C.
+        eps: Default: 1e-5.
+        affine: per-channel :math:`\gamma` (init 1) and :math:`\beta` (init 0).
+            Default: True.
+        bias: learn :math:`\beta` when affine. Default: True.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape. An optional bool
+          ``mask`` (broadcastable, True = valid) keeps padding out of the statistics.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps, None, affine, False, bias, device, dtype)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        return F.layer_norm(x, self.weight, self.bias, self.eps, mask=mask)
+
+
+class ChannelLayerNorm(NormBase):
+    r"""Layer normalization over the channels only, at each position of ``(N, C, *)``.
+
+    .. math::
+        y_{n,c,p} = \frac{x_{n,c,p} - \mu_{n,p}}{\sqrt{\sigma_{n,p}^2 + \epsilon}}\,\gamma_c + \beta_c
+
+    This is what ``torch.nn.LayerNorm(C)`` does to channels-last input, applied to
+    channel-first tensors without permuting them: timm's ``LayerNorm2d``, as used by
+    ConvNeXt (``LayerNorm2d`` is an alias). On ``(N, C)`` it equals
+    :class:`LayerNorm`.
+
+    Args:
+        num_channels: C.
+        eps: Default: 1e-5 (ConvNeXt uses 1e-6).
+        affine: Default: True.
+        bias: Default: True.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps, None, affine, False, bias, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return F.channel_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+LayerNorm2d = ChannelLayerNorm
+
+
+class RMSNorm(NormBase):
+    r"""Root Mean Square Layer Normalization (Zhang & Sennrich, 2019).
+
+    .. math::
+        y_{n,c,\dots} = \frac{x_{n,c,\dots}}{\sqrt{\frac{1}{n}\sum x_n^2 + \epsilon}}\,\gamma_c
+
+    The mean square is over ``C x *`` of each sample (as :class:`LayerNorm`), with no
+    centring and no shift. On ``(N, C)`` input it equals ``torch.nn.RMSNorm(C)``.
+
+    Args:
+        num_channels: C.
+        eps: None (the default) uses ``torch.finfo(x.dtype).eps``, as torch.nn.RMSNorm.
+        affine: per-channel :math:`\gamma`, init 1. Default: True.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape.
+    """
+
+    def __init__(self, num_channels: int, eps: float | None = None, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps, None, affine, False, False, device, dtype)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        return F.rms_norm(x, self.weight, self.eps, mask=mask)
+
+
+class InstanceNorm(NormBase):
+    r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016), any rank >= 3.
+
+    .. math::
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}}\,\gamma_c + \beta_c
+
+    with the statistics over the trailing (spatial) dimensions of each sample and
+    channel. Matches torch.nn.InstanceNorm1d/2d/3d, defaults included: no affine and
+    no running statistics. With ``track_running_stats=True`` the batch average of the
+    instance statistics is kept (unbiased variance, weight ``momentum``) and used in
+    eval; NaN statistics are not written to it (a RuntimeWarning says so).
+
+    Args:
+        num_channels: C.
+        eps: Default: 1e-5.
+        momentum: Default: 0.1; None for a cumulative average.
+        affine: Default: False.
+        track_running_stats: Default: False.
+
+    Shape:
+        - Input: :math:`(N, C, L_1, \dots)` with at least one trailing dimension and
+          more than one trailing element when instance statistics are used.
+        - Output: same shape. (Unlike torch.nn, unbatched ``(C, L)`` input is not
+          accepted: normlab layers are always batch-first.)
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, min_dim=3)
+        use_input_stats = self.training or not self.track_running_stats
+        factor = 0.0
+        if self.training and self.track_running_stats:
+            factor = self._momentum_factor()
+        return F.instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_input_stats=use_input_stats,
+            momentum=factor,
+            eps=self.eps,
+            name=self.layer_name,
+        )
+
+
+def choose_num_groups(num_channels: int, preferred: int = 32) -> int:
+    """A group count for GroupNorm over ``num_channels`` channels.
+
+    ``preferred`` (the paper's 32) when it divides C; otherwise the largest divisor
+    of C below ``preferred`` that still leaves at least 2 channels per group (so GN
+    does not silently become instance norm), or 1 if there is none. C = 48 gives 24,
+    C = 16 gives 8, C = 3 gives 1.
+    """
+    if num_channels % preferred == 0:
+        return preferred
+    for g in range(min(preferred, num_channels // 2), 0, -1):
+        if num_channels % g == 0:
+            return g
+    return 1
+
+
+class GroupNorm(NormBase):
+    r"""Group Normalization (Wu & He, 2018).
+
+    .. math::
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,g}}{\sqrt{\sigma_{n,g}^2 + \epsilon}}\,\gamma_c + \beta_c
+
+    The C channels are split into ``num_groups`` groups of C/G consecutive channels;
+    :math:`\mu_{n,g}, \sigma_{n,g}^2` are over the group's channels and all trailing
+    dimensions of sample n. G = 1 is :class:`LayerNorm`, G = C is
+    :class:`InstanceNorm` (with affine). Matches ``torch.nn.GroupNorm(G, C)``, with the
+    channel count first (timm's convention) so ``norm_layer=GroupNorm`` factories work.
+
+    Args:
+        num_channels: C.
+        num_groups: G, must divide C. Default: 32 (the paper's best);
+            :func:`choose_num_groups` picks one for any C.
+        eps: Default: 1e-5.
+        affine: per-channel :math:`\gamma` (1) and :math:`\beta` (0). Default: True.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
+                 affine: bool = True, device=None, dtype=None) -> None:
+        name = f"GroupNorm({num_channels})"
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
+        if isinstance(num_channels, int) and num_channels > 0 and num_channels % num_groups:
+            divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+            raise ValueError(
+                f"{name}: num_groups={num_groups} does not divide num_channels={num_channels}; "
+                f"valid group counts are {divisors} "
+                f"(normlab.nn.choose_num_groups({num_channels}) = "
+                f"{choose_num_groups(num_channels)})"
+            )
+        super().__init__(num_channels, eps, None, affine, False, device=device, dtype=dtype)
+        self.num_groups = num_groups
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(x)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
