@@ -1,7 +1,7 @@
 """normlab: normalization methods for deep networks behind one API, tested against
 their papers, with tools to put them into existing models."""
 
-from normlab import convert, functional, nn, stats
+from normlab import convert, functional, init, nn, stats
 from normlab.registry import create_norm, get_norm_spec, list_norms, register_norm
 
 __version__ = "0.1.0"
@@ -15,5 +15,6 @@ __all__ = [
     "functional",
     "stats",
     "convert",
+    "init",
     "__version__",
 ]

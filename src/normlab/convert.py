@@ -138,7 +138,8 @@ def swap_norm(
     copied between batch-statistics layers (torch's or normlab's BatchNorm, Batch
     Renorm, SyncBatchNorm), where they mean the same thing. For GroupNorm without
     ``num_groups``, each layer gets :func:`normlab.nn.choose_num_groups` of its
-    channel count (48 channels: 24 groups), and the summary says so.
+    channel count (32 groups at most, 2 channels a group at least: 48 channels get
+    24 groups), and the summary says what it chose.
 
     ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` normalize the *last* dimension
     (transformer layout ``(N, L, C)``), while normlab's layers are channel-first, so
@@ -181,8 +182,7 @@ def swap_norm(
         if is_group and "num_groups" not in layer_kwargs:
             groups = nlnn.choose_num_groups(channels)
             layer_kwargs["num_groups"] = groups
-            if groups != 32:
-                note = f"num_groups={groups}: 32 does not divide {channels}"
+            note = f"num_groups={groups} chosen for {channels} channels"
         try:
             new = create_norm(name, channels, **layer_kwargs)
         except (ValueError, TypeError) as err:

@@ -50,7 +50,7 @@ def register_norm(
     spec = NormSpec(_key(name), factory, tuple(_key(a) for a in aliases), description)
     for key in (spec.name, *spec.aliases):
         owner = _LOOKUP.get(key)
-        if owner is not None and owner != spec.name and not overwrite:
+        if owner is not None and not overwrite:
             raise ValueError(f"register_norm: name {key!r} is already used by {owner!r}")
     _SPECS[spec.name] = spec
     for key in (spec.name, *spec.aliases):
@@ -80,7 +80,7 @@ def create_norm(name: str | Callable[..., nn.Module], num_channels: int, **kwarg
         **kwargs: passed to the layer (``eps``, ``momentum``, ``num_groups`` ...).
 
     For ``"group"`` without ``num_groups``, the group count is
-    :func:`normlab.nn.choose_num_groups` (32 when it divides C).
+    :func:`normlab.nn.choose_num_groups` (at most 32, at least 2 channels a group).
 
     Raises:
         ValueError: unknown name (the message lists the known names).
@@ -108,6 +108,9 @@ register_norm("batch", nlnn.BatchNorm, ("bn", "batchnorm", "batch_norm", "batchn
               "Batch Normalization (Ioffe & Szegedy 2015)")
 register_norm("batch_renorm", nlnn.BatchRenorm, ("brn", "batchrenorm", "renorm"),
               "Batch Renormalization (Ioffe 2017)")
+register_norm("sync_batch", nlnn.SyncBatchNorm, ("syncbn", "sync_bn", "syncbatchnorm",
+                                                 "sync_batch_norm", "sync_batchnorm"),
+              "Batch Normalization with statistics over all ranks, any backend (gloo included)")
 register_norm("layer", nlnn.LayerNorm, ("ln", "layernorm", "layer_norm"),
               "Layer Normalization over C x spatial (Ba et al. 2016)")
 register_norm("layer_channels", nlnn.ChannelLayerNorm, ("ln2d", "layernorm2d", "channel_layer",
@@ -121,4 +124,12 @@ register_norm("instance", nlnn.InstanceNorm, ("in", "instancenorm", "instance_no
               "Instance Normalization (Ulyanov et al. 2016)")
 register_norm("group", _group_norm, ("gn", "groupnorm", "group_norm"),
               "Group Normalization (Wu & He 2018)")
+register_norm("switchable", nlnn.SwitchableNorm, ("sn", "switchnorm", "switchable_norm",
+                                                  "switchablenorm"),
+              "Switchable Normalization: learned IN/LN/BN mixture (Luo et al. 2019)")
+register_norm("attentive", nlnn.AttentiveNorm, ("an", "attentivenorm", "attentive_norm"),
+              "Attentive Normalization: attention-weighted mixture of affines (Li et al. 2020)")
+register_norm("online", nlnn.OnlineNorm, ("on", "onlinenorm", "online_norm"),
+              "Online Normalization: streaming statistics, controlled backward "
+              "(Chiley et al. 2019)")
 register_norm("none", nlnn.Identity, ("identity", "no_norm"), "No normalization")

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "moments", "mean_square", "stat_dtype", "unbiased"]
+__all__ = ["Moments", "moments", "mean_square", "stat_dtype", "unbiased", "combine_moments"]
 
 
 class Moments(NamedTuple):
@@ -159,6 +159,45 @@ def mean_square(
         count = mask.sum(dims, keepdim=True).clamp(min=1).to(x.dtype)
         out = torch.where(mask, x * x, x.new_zeros(())).sum(dims, keepdim=True) / count
     return out if keepdim else out.squeeze(dims)
+
+
+def combine_moments(means: Tensor, variances: Tensor, counts: Tensor, dim: int = 0) -> Moments:
+    r"""Merge the moments of disjoint parts into the moments of their union (Chan et al.).
+
+    Part :math:`i` has ``counts[i]`` elements, mean :math:`\mu_i` and biased variance
+    :math:`v_i` (entries taken along ``dim``); with :math:`n = \sum_i n_i`:
+
+    .. math::
+        \mu = \mu_r + \frac{1}{n}\sum_i n_i (\mu_i - \mu_r), \qquad
+        \sigma^2 = \frac{1}{n}\sum_i n_i \big(v_i + (\mu_i - \mu)^2\big)
+
+    where :math:`\mu_r` is the mean of the largest part. Only differences of means and
+    non-negative terms are summed, so nothing cancels (unlike combining sums of
+    squares); the result equals :func:`moments` of the concatenated parts up to
+    rounding. Parts with count 0 take no part (their mean and variance are ignored,
+    even if NaN); if every count is 0 the mean and variance are 0. Differentiable in
+    ``means`` and ``variances``. Used to merge the per-rank statistics of
+    :class:`normlab.nn.SyncBatchNorm`.
+
+    Args:
+        means, variances: tensors of the same shape, one entry per part along ``dim``.
+        counts: broadcastable to ``means`` (a tensor of numbers of elements).
+        dim: the dimension that indexes the parts; it is removed from the results.
+
+    Returns:
+        :class:`Moments` ``(mean, var, count)``, ``count`` a tensor in ``means.dtype``.
+    """
+    counts = counts.to(means.dtype).expand_as(means)
+    valid = counts > 0  # an empty part may carry a NaN mean (the mean of nothing)
+    means = torch.where(valid, means, 0.0)
+    variances = torch.where(valid, variances, 0.0)
+    total = counts.sum(dim, keepdim=True)
+    safe = total.clamp(min=1)
+    ref = means.gather(dim, counts.argmax(dim, keepdim=True))
+    mean = ref + (counts * (means - ref)).sum(dim, keepdim=True) / safe
+    dev = means - mean
+    var = (counts * (variances + dev * dev)).sum(dim, keepdim=True) / safe
+    return Moments(mean.squeeze(dim), var.squeeze(dim), total.squeeze(dim))
 
 
 def unbiased(var: Tensor, count: int | Tensor) -> Tensor:

@@ -19,6 +19,13 @@ from normlab.functional.core import (
     rms_norm,
     update_running_,
 )
+from normlab.functional.mixture import (
+    attention_weights,
+    attentive_norm,
+    switchable_norm,
+    switchable_weights,
+)
+from normlab.functional.online import activation_clamp, layer_scaling, linear_scan, online_norm
 
 __all__ = [
     "batch_norm",
@@ -32,4 +39,12 @@ __all__ = [
     "normalize",
     "update_running_",
     "check_input",
+    "switchable_norm",
+    "switchable_weights",
+    "attentive_norm",
+    "attention_weights",
+    "online_norm",
+    "linear_scan",
+    "layer_scaling",
+    "activation_clamp",
 ]

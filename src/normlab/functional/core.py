@@ -113,15 +113,36 @@ def update_running_(
             )
 
 
-def _batch_moments(x: Tensor, mask: Tensor | None, name: str) -> stats.Moments:
+def _batch_moments(
+    x: Tensor, mask: Tensor | None, name: str, moments_fn=None
+) -> stats.Moments:
+    # moments_fn(x, dims, mask=mask) -> Moments replaces stats.moments, e.g. with the
+    # all-rank moments of normlab.nn.sync; the size check then uses its (global) count.
     dims = (0,) + tuple(range(2, x.dim()))
+    if moments_fn is not None:
+        m = moments_fn(x, dims, mask=mask)
+        total = None if mask is not None else int(torch.as_tensor(m.count).max())
+        if total is not None and total <= 1:
+            raise ValueError(
+                f"{name}: batch statistics need more than 1 value per channel over all "
+                f"ranks, got {total} (local input of shape {tuple(x.shape)})"
+            )
+        return m
     if mask is None and x.shape[0] * _spatial_size(x) == 1:
         raise ValueError(
             f"{name}: batch statistics need more than 1 value per channel, got input of "
             f"shape {tuple(x.shape)}; use a batch of at least 2, eval() with running "
             "statistics, or a per-sample norm (LayerNorm, GroupNorm)"
         )
-    return stats.moments(x, dims, mask=mask)
+    m = stats.moments(x, dims, mask=mask)
+    if mask is not None and bool((m.count <= 1).any()):
+        few = (m.count.flatten() <= 1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name}: batch statistics need more than 1 valid value per channel, got "
+            f"{int(m.count.min())} in channels {few[:8]} (input of shape {tuple(x.shape)}, "
+            f"mask of shape {tuple(mask.shape)})"
+        )
+    return m
 
 
 def batch_norm(
@@ -135,6 +156,7 @@ def batch_norm(
     eps: float = 1e-5,
     mask: Tensor | None = None,
     name: str = "batch_norm",
+    moments_fn=None,
 ) -> Tensor:
     r"""Batch normalization (Ioffe & Szegedy 2015) of ``x`` of shape ``(N, C, *)``.
 
@@ -148,6 +170,11 @@ def batch_norm(
     are used; when running statistics are given and ``training`` is True they are
     updated in place with weight ``momentum`` on the batch, the variance unbiased
     (torch.nn's conventions). Otherwise the running statistics normalize.
+
+    ``moments_fn(x, dims, mask=mask) -> Moments``, if given, replaces
+    :func:`normlab.stats.moments` for the batch statistics (the synchronisation hook
+    of :mod:`normlab.nn.sync`: :func:`~normlab.nn.sync.sync_moments` gives the
+    moments over all ranks, and the running variance then uses the global count).
     """
     use_batch_stats = training or running_mean is None or running_var is None
     shape = _channel_shape(x)
@@ -155,7 +182,7 @@ def batch_norm(
     b = None if bias is None else bias.view(shape)
     if not use_batch_stats:
         return normalize(x, running_mean.view(shape), running_var.view(shape), eps, w, b)
-    mean, var, count = _batch_moments(x, mask, name)
+    mean, var, count = _batch_moments(x, mask, name, moments_fn)
     if training and running_mean is not None and running_var is not None:
         update_running_(running_mean, mean.flatten(), momentum, name)
         update_running_(running_var, stats.unbiased(var, count).flatten(), momentum, name)
@@ -203,6 +230,7 @@ def batch_renorm(
     d_max: float = 5.0,
     mask: Tensor | None = None,
     name: str = "batch_renorm",
+    moments_fn=None,
 ) -> Tensor:
     r"""Batch Renormalization (Ioffe 2017).
 
@@ -220,13 +248,17 @@ def batch_renorm(
     batch, which are then updated as in :func:`batch_norm`. In eval the running
     statistics normalize, as in batch norm. With ``r_max = 1`` and ``d_max = 0`` this
     is exactly :func:`batch_norm`.
+
+    ``moments_fn(x, dims, mask=mask) -> Moments``, if given, replaces
+    :func:`normlab.stats.moments` for the batch statistics (the synchronisation hook:
+    :func:`normlab.nn.sync.sync_moments` makes them the moments over all ranks).
     """
     shape = _channel_shape(x)
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
     if not training:
         return normalize(x, running_mean.view(shape), running_var.view(shape), eps, w, b)
-    mean, var, count = _batch_moments(x, mask, name)
+    mean, var, count = _batch_moments(x, mask, name, moments_fn)
     compute = mean.dtype
     with torch.no_grad():
         sigma = torch.sqrt(running_var.view(shape).to(compute) + eps)
@@ -257,7 +289,8 @@ def layer_norm(
     r"""Layer normalization (Ba et al. 2016) over all of ``C x *`` for each sample.
 
     .. math::
-        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_n}{\sqrt{\sigma_n^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_n}{\sqrt{\sigma_n^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     with :math:`\mu_n, \sigma_n^2` over every element of sample n, and a per-channel
     affine. On ``(N, C)`` input this is ``torch.nn.functional.layer_norm(x, (C,))``.
@@ -278,7 +311,8 @@ def channel_layer_norm(
     r"""Layer normalization over the channels only, at every position of ``(N, C, *)``.
 
     .. math::
-        y_{n,c,p} = \frac{x_{n,c,p} - \mu_{n,p}}{\sqrt{\sigma_{n,p}^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,p} = \frac{x_{n,c,p} - \mu_{n,p}}{\sqrt{\sigma_{n,p}^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     with :math:`\mu_{n,p}, \sigma^2_{n,p}` over the C channels at position p. This is
     the LayerNorm of channels-last transformers applied to channel-first tensors
@@ -326,7 +360,8 @@ def instance_norm(
     r"""Instance normalization (Ulyanov et al. 2016): per sample and channel over ``*``.
 
     .. math::
-        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     With ``use_input_stats`` and running statistics given, the running statistics are
     updated with the batch average of the per-instance mean and unbiased variance
@@ -371,7 +406,7 @@ def group_norm(
     spatial = x.shape[2:]
     grouped_shape = (n, num_groups, c // num_groups) + tuple(spatial)
     xg = x.reshape(grouped_shape)
-    mg = None if mask is None else mask.expand_as(x).reshape(grouped_shape)
+    mg = None if mask is None else stats._check_mask(x, mask).reshape(grouped_shape)
     mean, var, _ = stats.moments(xg, tuple(range(2, xg.dim())), mask=mg)
     affine_shape = (1, num_groups, c // num_groups) + (1,) * len(spatial)
     w = None if weight is None else weight.view(affine_shape)

@@ -3,6 +3,11 @@
 
 from normlab.nn.base import Identity, NormBase
 from normlab.nn.batch import PAPER_RENORM_WARMUP, BatchNorm, BatchRenorm
+from normlab.nn.enorm import ENorm
+from normlab.nn.hamming import DoubleThreshold, GHNConv2d, GHNLinear
+from normlab.nn.mixture import AttentiveNorm, SwitchableNorm
+from normlab.nn.online import OnlineNorm
+from normlab.nn.recurrent import BNLSTM, LNLSTM, InputBNLSTM
 from normlab.nn.sample import (
     ChannelLayerNorm,
     GroupNorm,
@@ -12,12 +17,17 @@ from normlab.nn.sample import (
     RMSNorm,
     choose_num_groups,
 )
+from normlab.nn.selu import SELU, AlphaDropout
+from normlab.nn.sync import SyncBatchNorm, to_sync_batchnorm
+from normlab.nn.weight import WeightNorm, remove_weight_norm, weight_norm
 
 __all__ = [
     "NormBase",
     "Identity",
     "BatchNorm",
     "BatchRenorm",
+    "SyncBatchNorm",
+    "to_sync_batchnorm",
     "PAPER_RENORM_WARMUP",
     "LayerNorm",
     "ChannelLayerNorm",
@@ -26,4 +36,19 @@ __all__ = [
     "InstanceNorm",
     "GroupNorm",
     "choose_num_groups",
+    "SELU",
+    "AlphaDropout",
+    "GHNLinear",
+    "GHNConv2d",
+    "DoubleThreshold",
+    "SwitchableNorm",
+    "AttentiveNorm",
+    "OnlineNorm",
+    "BNLSTM",
+    "InputBNLSTM",
+    "LNLSTM",
+    "WeightNorm",
+    "weight_norm",
+    "remove_weight_norm",
+    "ENorm",
 ]

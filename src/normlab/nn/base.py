@@ -101,11 +101,15 @@ class NormBase(nn.Module):
         F.check_input(x, self.num_channels, self.layer_name, min_dim)
 
     def _momentum_factor(self) -> float:
-        """Count this training batch and return the weight of its statistics."""
-        self.num_batches_tracked.add_(1)
+        """The weight of this training batch's statistics in the running average, the
+        batch counting as number ``num_batches_tracked + 1``. Call :meth:`_count_batch`
+        once the batch has been accepted, so that a rejected batch changes nothing."""
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
         return self.momentum
+
+    def _count_batch(self) -> None:
+        self.num_batches_tracked.add_(1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before num_batches_tracked existed (torch.nn version 1)

@@ -76,10 +76,9 @@ class BatchNorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            factor = self._momentum_factor()
-        return F.batch_norm(
+        counting = self.training and self.track_running_stats
+        factor = self._momentum_factor() if counting else 0.0
+        y = F.batch_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -91,6 +90,9 @@ class BatchNorm(NormBase):
             mask=mask,
             name=self.layer_name,
         )
+        if counting:
+            self._count_batch()
+        return y
 
 
 class BatchRenorm(NormBase):
@@ -118,6 +120,10 @@ class BatchRenorm(NormBase):
     state_dict is BatchNorm's; the paper averages :math:`\sigma` instead of the
     variance, which differs only in second order.
 
+    NaN or inf in the input gives NaN in the output, and the affected channels'
+    running statistics are *not* updated: a RuntimeWarning names the layer and the
+    channels (as in :class:`BatchNorm`).
+
     Args:
         num_channels: C.
         eps: Default: 1e-5.
@@ -135,7 +141,18 @@ class BatchRenorm(NormBase):
 
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape.
+
+    Distributed training: it follows the batch-statistics synchronisation protocol
+    of :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    :func:`normlab.nn.to_sync_batchnorm`) the batch moments, hence r, d and the
+    running statistics, are taken over every rank of ``process_group`` (None: the
+    default group).
     """
+
+    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    sync_batch_stats: bool = False
+    #: The process group of the global moments; None is the default group.
+    process_group = None
 
     def __init__(
         self,
@@ -181,7 +198,12 @@ class BatchRenorm(NormBase):
             )
         r_max, d_max = self.current_limits()
         factor = self._momentum_factor()
-        return F.batch_renorm(
+        moments_fn = None
+        if self.sync_batch_stats:
+            from normlab.nn.sync import moments_fn_for  # sync imports this module
+
+            moments_fn = moments_fn_for(self)
+        y = F.batch_renorm(
             x,
             self.running_mean,
             self.running_var,
@@ -194,7 +216,11 @@ class BatchRenorm(NormBase):
             d_max=d_max,
             mask=mask,
             name=self.layer_name,
+            moments_fn=moments_fn,
         )
+        self._count_batch()
+        return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup={self.warmup}"
+        return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
+                f"warmup={self.warmup}")

@@ -24,7 +24,8 @@ class LayerNorm(NormBase):
     r"""Layer Normalization (Ba, Kiros & Hinton, 2016) over ``C x *`` of each sample.
 
     .. math::
-        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_n}{\sqrt{\sigma_n^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_n}{\sqrt{\sigma_n^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     :math:`\mu_n` and :math:`\sigma_n^2` (biased) are taken over every element of
     sample n, the definition of the seed articles; the affine is per channel. On
@@ -56,7 +57,8 @@ class ChannelLayerNorm(NormBase):
     r"""Layer normalization over the channels only, at each position of ``(N, C, *)``.
 
     .. math::
-        y_{n,c,p} = \frac{x_{n,c,p} - \mu_{n,p}}{\sqrt{\sigma_{n,p}^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,p} = \frac{x_{n,c,p} - \mu_{n,p}}{\sqrt{\sigma_{n,p}^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     This is what ``torch.nn.LayerNorm(C)`` does to channels-last input, applied to
     channel-first tensors without permuting them: timm's ``LayerNorm2d``, as used by
@@ -116,7 +118,8 @@ class InstanceNorm(NormBase):
     r"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016), any rank >= 3.
 
     .. math::
-        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     with the statistics over the trailing (spatial) dimensions of each sample and
     channel. Matches torch.nn.InstanceNorm1d/2d/3d, defaults included: no affine and
@@ -147,10 +150,9 @@ class InstanceNorm(NormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, min_dim=3)
         use_input_stats = self.training or not self.track_running_stats
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            factor = self._momentum_factor()
-        return F.instance_norm(
+        counting = self.training and self.track_running_stats
+        factor = self._momentum_factor() if counting else 0.0
+        y = F.instance_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -161,18 +163,19 @@ class InstanceNorm(NormBase):
             eps=self.eps,
             name=self.layer_name,
         )
+        if counting:
+            self._count_batch()
+        return y
 
 
 def choose_num_groups(num_channels: int, preferred: int = 32) -> int:
     """A group count for GroupNorm over ``num_channels`` channels.
 
-    ``preferred`` (the paper's 32) when it divides C; otherwise the largest divisor
-    of C below ``preferred`` that still leaves at least 2 channels per group (so GN
-    does not silently become instance norm), or 1 if there is none. C = 48 gives 24,
-    C = 16 gives 8, C = 3 gives 1.
+    The largest divisor of C not above ``preferred`` (the paper's 32) that leaves at
+    least 2 channels per group, so that GN never silently becomes instance norm; 1 if
+    there is none. C = 64 or 96 gives 32, C = 48 gives 24, C = 32 gives 16, C = 16
+    gives 8, C = 3 gives 1.
     """
-    if num_channels % preferred == 0:
-        return preferred
     for g in range(min(preferred, num_channels // 2), 0, -1):
         if num_channels % g == 0:
             return g
@@ -183,7 +186,8 @@ class GroupNorm(NormBase):
     r"""Group Normalization (Wu & He, 2018).
 
     .. math::
-        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,g}}{\sqrt{\sigma_{n,g}^2 + \epsilon}}\,\gamma_c + \beta_c
+        y_{n,c,\dots} = \frac{x_{n,c,\dots} - \mu_{n,g}}{\sqrt{\sigma_{n,g}^2 + \epsilon}}
+        \,\gamma_c + \beta_c
 
     The C channels are split into ``num_groups`` groups of C/G consecutive channels;
     :math:`\mu_{n,g}, \sigma_{n,g}^2` are over the group's channels and all trailing
@@ -207,7 +211,7 @@ class GroupNorm(NormBase):
         name = f"GroupNorm({num_channels})"
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
-        if isinstance(num_channels, int) and num_channels > 0 and num_channels % num_groups:
+        if type(num_channels) is int and num_channels > 0 and num_channels % num_groups:
             divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
             raise ValueError(
                 f"{name}: num_groups={num_groups} does not divide num_channels={num_channels}; "
@@ -223,4 +227,5 @@ class GroupNorm(NormBase):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"affine={self.affine}")
