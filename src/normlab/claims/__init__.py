@@ -1,0 +1,38 @@
+"""The lab's claims: one module per claim, ``cNN_<id>.py``, each defining ``CLAIM``.
+
+:func:`all_claims` discovers them in number order; :func:`get_claim` finds one by id or
+number. See :mod:`normlab.claims.base` for what a claim holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from normlab.claims.base import BUDGETS, VERDICTS, Budget, Claim, RunContext
+
+__all__ = ["Claim", "Budget", "BUDGETS", "VERDICTS", "RunContext", "all_claims", "get_claim"]
+
+
+def all_claims() -> list[Claim]:
+    """Every claim module's ``CLAIM``, sorted by number."""
+    claims = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("c") and info.name[1:3].isdigit():
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            claims.append(module.CLAIM)
+    claims.sort(key=lambda c: c.number)
+    numbers = [c.number for c in claims]
+    ids = [c.id for c in claims]
+    if len(set(numbers)) != len(numbers) or len(set(ids)) != len(ids):
+        raise RuntimeError(f"normlab.claims: duplicate claim numbers or ids: {numbers} {ids}")
+    return claims
+
+
+def get_claim(name: str | int) -> Claim:
+    """The claim with this id or number; ValueError listing the known ones."""
+    for claim in all_claims():
+        if str(name) in (claim.id, str(claim.number)):
+            return claim
+    known = ", ".join(f"{c.number}:{c.id}" for c in all_claims())
+    raise ValueError(f"normlab.claims: unknown claim {name!r}; known: {known}")
