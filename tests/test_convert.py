@@ -301,3 +301,12 @@ def test_fold_refuses_training_mode():
 
 def test_normlab_namespace_exposes_convert():
     assert normlab.convert.swap_norm is convert.swap_norm
+    assert convert.to_sync_batchnorm is normlab.nn.sync.to_sync_batchnorm
+    # outside a process group the converted model computes what it did
+    model = TinyResNet()
+    _warm_up_running_stats(model)
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    synced = convert.to_sync_batchnorm(copy.deepcopy(model))
+    assert all(isinstance(m, L.SyncBatchNorm) for m in _norm_layers(synced))
+    torch.testing.assert_close(synced(x), expected, rtol=1e-5, atol=1e-6)

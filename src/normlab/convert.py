@@ -6,6 +6,8 @@
   and keep their running statistics while the rest of the model trains.
 * :func:`fold_batchnorm` folds eval-mode batch norms into the Conv or Linear layer
   before them, for inference.
+* :func:`to_sync_batchnorm` (from :mod:`normlab.nn.sync`) makes batch statistics
+  global across the ranks of a process group, on any torch.distributed backend.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from normlab import nn as nlnn
+from normlab.nn.sync import to_sync_batchnorm
 from normlab.registry import create_norm, get_norm_spec
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "unfreeze_batchnorm",
     "is_frozen",
     "fold_batchnorm",
+    "to_sync_batchnorm",
 ]
 
 log = logging.getLogger("normlab.convert")
