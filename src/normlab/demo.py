@@ -4,8 +4,8 @@ A small CNN is trained on scikit-learn's 8x8 handwritten digits (real data shipp
 with scikit-learn: 1,438 training and 359 test images) with each normalization at a
 tiny and a normal batch size, from the same seed, for the same number of epochs, with
 the learning rate scaled linearly with the batch size, and the test accuracies are
-printed side by side. It runs in well under a minute on two CPU cores. The full lab (``normlab study``) is the place for evidence; this is the
-quick look.
+printed side by side. It runs in well under a minute on two CPU cores. The lab's
+claims are the place for evidence; this is the quick look.
 """
 
 from __future__ import annotations
