@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.normlab-installed
 
-.PHONY: setup study test lint clean
+.PHONY: setup study test test-slow lint clean
 
 setup: $(STAMP)
 
@@ -17,15 +17,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[lab,test]'
+	$(PY) -m pip install --quiet -e '.[lab,test,export]'
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(VENV)/bin/normlab demo
+	$(VENV)/bin/normlab study
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest
+
+# torch.compile / torch.export / ONNX tests of every layer and the fused C++ kernels
+# (normlab.kernels, compiled at first use) (marked slow, a few minutes)
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

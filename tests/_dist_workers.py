@@ -11,6 +11,7 @@ that hangs is killed when the deadline passes.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -20,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from normlab.nn import BatchNorm, BatchRenorm, SyncBatchNorm, to_sync_batchnorm
+from normlab.nn import (
+    AttentiveNorm,
+    BatchNorm,
+    BatchRenorm,
+    SwitchableNorm,
+    SyncBatchNorm,
+    to_sync_batchnorm,
+)
 from normlab.nn.sync import sync_moments
 
 INIT_TIMEOUT_S = 60
@@ -124,6 +132,34 @@ def _train_steps(layer: nn.Module, case: dict, rank: int, mask_key: str | None =
     return out
 
 
+def train_steps_all(layer: nn.Module, case: dict, rank: int) -> dict:
+    """Like :func:`_train_steps` for any layer: outputs, input gradients and the
+    gradient of every named parameter after each step, and every buffer at the end."""
+    sizes = case["sizes"]
+    out = {"y": [], "dx": [], "grads": []}
+    for x_full, g_full in zip(case["xs"], case["gs"], strict=True):
+        x = _split(x_full, sizes, rank).requires_grad_(True)
+        g = _split(g_full, sizes, rank)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        (y * g).sum().backward()
+        out["y"].append(y.detach())
+        out["dx"].append(x.grad)
+        out["grads"].append({k: p.grad.clone() for k, p in layer.named_parameters()})
+    out["buffers"] = {k: b.clone() for k, b in layer.named_buffers()}
+    return out
+
+
+MIXTURES = {"SwitchableNorm": SwitchableNorm, "AttentiveNorm": AttentiveNorm}
+
+
+def make_mixture(case: dict) -> nn.Module:
+    """The Switchable/Attentive Norm of ``case`` (class name, keywords, state_dict)."""
+    layer = MIXTURES[case["cls"]](**case["kwargs"])
+    layer.load_state_dict(case["state"])
+    return layer.train()
+
+
 def _make_bn(case: dict, cls=SyncBatchNorm, **extra) -> nn.Module:
     layer = cls(case["C"], momentum=case["momentum"], affine=case["affine"],
                 dtype=case["xs"][0].dtype, **extra)
@@ -146,6 +182,9 @@ def _run(rank: int, world: int, port: int, folder: str, cases_fn) -> None:
             f.write(traceback.format_exc())
         raise
     finally:
+        # Free what still holds the group (a DDP wrapper's reference cycles) before
+        # destroying it: a gloo group destroyed at interpreter shutdown can abort.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -198,6 +237,17 @@ def _cases_two(rank: int, inputs: dict) -> dict:
         res["too_small"] = None
     except ValueError as e:
         res["too_small"] = str(e)
+
+    # Switchable and Attentive Norm made global by to_sync_batchnorm (the protocol),
+    # uneven batches with one sample on rank 0; collectives counted.
+    for key in ("sn4d", "sn2d", "an3d"):
+        case = inputs[key]
+        layer = make_mixture(case)
+        model = to_sync_batchnorm(nn.Sequential(layer))
+        assert model[0] is layer and layer.sync_batch_stats and layer.process_group is None
+        with _CountCollectives() as calls:
+            res[key] = train_steps_all(layer, case, rank)
+        res[key]["calls"] = calls.counts
 
     # DDP: a model converted from torch.nn.BatchNorm2d, a few SGD steps.
     case = inputs["ddp"]
@@ -271,8 +321,7 @@ def worker_ddp_train(rank: int, world: int, port: int, folder: str) -> None:
     from normlab import models
     from normlab.train import train
 
-    _init(rank, world, port)
-    try:
+    def body() -> None:
         setup = torch.load(f"{folder}/setup.pt")
         model = models.mlp((6,), 3, norm="none", width=16, depth=2)
         model.load_state_dict(setup["state"])
@@ -281,5 +330,10 @@ def worker_ddp_train(rank: int, world: int, port: int, folder: str) -> None:
                   rank=rank, world_size=world, progress=False)
         torch.save({"state": model.state_dict(), "steps": r.steps_done},
                    f"{folder}/rank{rank}.pt")
+
+    _init(rank, world, port)
+    try:
+        body()
     finally:
+        gc.collect()  # free the DDP wrapper before its group (see _run)
         dist.destroy_process_group()

@@ -49,6 +49,27 @@ def _bn_case(gen, sizes, C, spatial, momentum=0.1, affine=True, steps=2):
     }
 
 
+def _mixture_case(gen, cls, kwargs, sizes, tail, steps=2):
+    """A Switchable/Attentive Norm with perturbed parameters and running statistics
+    (so that every term and component matters), and its inputs."""
+    kwargs = {**kwargs, "dtype": D}
+    layer = W.MIXTURES[cls](**kwargs)
+    with torch.no_grad():
+        for t in layer.parameters():
+            t.add_(0.5 * _randn(*t.shape, gen=gen))
+        for name, t in layer.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(_randn(*t.shape, gen=gen))
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(*t.shape, dtype=D, generator=gen) + 0.5)
+    n = sum(sizes)
+    return {
+        "cls": cls, "kwargs": kwargs, "state": layer.state_dict(), "sizes": sizes,
+        "xs": [_randn(n, *tail, gen=gen) * 2 + 1 for _ in range(steps)],
+        "gs": [_randn(n, *tail, gen=gen) for _ in range(steps)],
+    }
+
+
 def _reference(layer: nn.Module, case: dict, mask_key=None) -> dict:
     """The single-process run of the same steps on the whole (concatenated) batch."""
     if case["affine"]:
@@ -108,6 +129,12 @@ def two_ranks(tmp_path_factory):
         "x": (1e4 + _randn(8, 4, 6, gen=gen)).float(),
     }
     inputs["too_small"] = {"sizes": [1, 0], "C": 3, "x": _randn(1, 3, gen=gen)}
+    inputs["sn4d"] = _mixture_case(gen, "SwitchableNorm", {"num_channels": 3}, [1, 4],
+                                   (3, 2, 3))
+    inputs["sn2d"] = _mixture_case(gen, "SwitchableNorm", {"num_channels": 4, "momentum": 0.3},
+                                   [1, 3], (4,))
+    inputs["an3d"] = _mixture_case(gen, "AttentiveNorm",
+                                   {"num_channels": 4, "num_components": 3}, [1, 4], (4, 5))
     torch.manual_seed(2)
     inputs["ddp"] = {
         "sizes": [4, 4], "lr": 0.1, "init": W.TinyNet().double().state_dict(),
@@ -194,6 +221,45 @@ def test_two_ranks_one_value_in_total_raises_on_every_rank(two_ranks):
     for r in results:
         assert r["too_small"] is not None
         assert "more than 1 value per channel over all 2 rank(s), got 1" in r["too_small"]
+
+
+def _compare_mixture(results: list[dict], ref: dict) -> None:
+    """Concatenated outputs and input gradients, summed gradients of every parameter
+    and every rank's buffers equal the single-process run's, within 1e-5."""
+    for step in range(len(ref["y"])):
+        close(torch.cat([r["y"][step] for r in results]), ref["y"][step])
+        close(torch.cat([r["dx"][step] for r in results]), ref["dx"][step])
+        for name, g in ref["grads"][step].items():
+            close(sum(r["grads"][step][name] for r in results), g)
+    for r in results:
+        assert sorted(r["buffers"]) == sorted(ref["buffers"])
+        for name, b in ref["buffers"].items():
+            if b.is_floating_point():
+                close(r["buffers"][name], b)
+            else:
+                assert torch.equal(r["buffers"][name], b), name
+
+
+@pytest.mark.parametrize(
+    "key, gathers_per_step",
+    [("sn4d", 1), ("sn2d", 1), ("an3d", 2)],  # AN: x-hat and the attention's batch norm
+)
+def test_two_ranks_switchable_and_attentive_norm_match_the_concatenated_batch(
+    two_ranks, key, gathers_per_step
+):
+    inputs, results = two_ranks
+    case = inputs[key]
+    ref = W.train_steps_all(W.make_mixture(case), {**case, "sizes": [sum(case["sizes"])]}, 0)
+    _compare_mixture([r[key] for r in results], ref)
+    steps = len(case["xs"])
+    for r in results:  # one all_gather forward and one all_reduce backward per moments
+        assert r[key]["calls"] == {"all_gather": gathers_per_step * steps,
+                                   "all_reduce": gathers_per_step * steps}
+    # rank 0 has one sample: its own batch statistics would be far from these (and
+    # on (N, C) input, or for the attention, would raise)
+    if key == "sn4d":
+        local = W.train_steps_all(W.make_mixture(case), {**case, "sizes": [1]}, 0)
+        assert (local["y"][0] - results[0][key]["y"][0]).abs().max() > 1e-2
 
 
 def test_two_ranks_ddp_training_matches_single_process_double_batch(two_ranks):
@@ -471,6 +537,69 @@ def test_batch_renorm_protocol_without_process_group_is_unchanged():
         x = torch.randn(6, 3, 4) * 2 + 1
         assert torch.equal(a(x), b(x))
     assert torch.equal(a.running_var, b.running_var)
+
+
+def test_mixtures_follow_the_protocol_and_are_unchanged_without_process_group():
+    sn, an = normlab.nn.SwitchableNorm(3), normlab.nn.AttentiveNorm(3, num_components=2)
+    refs = [copy.deepcopy(sn), copy.deepcopy(an)]
+    model = to_sync_batchnorm(nn.Sequential(sn, nn.Sequential(an)))
+    assert model[0] is sn and model[1][0] is an  # kept, not replaced
+    assert sn.sync_batch_stats and an.sync_batch_stats
+    assert not refs[0].sync_batch_stats and not type(sn).sync_batch_stats  # per instance
+    assert moments_fn_for(sn) is None and moments_fn_for(an) is None  # world size 1
+    for _ in range(2):
+        x = torch.randn(5, 3, 2, 2) * 2 + 1
+        assert torch.equal(model(x), refs[1](refs[0](x)))
+    for a, b in ((sn, refs[0]), (an, refs[1])):
+        for (name, t), u in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(t, u), name
+
+
+def test_mixture_functionals_take_the_batch_moments_from_the_hook():
+    from normlab.functional import mixture as FM
+
+    x = torch.randn(4, 3, 5, dtype=D) * 2 + 1
+    logits = torch.tensor([0.3, -0.2, 0.9], dtype=D)
+    calls = []
+
+    def local(t, dims, mask=None):  # what sync_moments is on one rank
+        calls.append(tuple(dims))
+        return stats.moments(t, dims, mask=mask)
+
+    for fn in (None, local):
+        rm, rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+        y = FM.switchable_norm(x, logits, -logits, rm, rv, training=True, momentum=1.0,
+                               moments_fn=fn)
+        if fn is None:
+            y0, rv0 = y, rv
+    close(y, y0, rtol=1e-12)
+    close(rv, rv0, rtol=1e-12)
+    close(rv0, x.var((0, 2)), rtol=1e-12)  # unbiased over N x L
+    assert calls == [(0, 2)]
+    # the size check is on the hook's (global) count: one local sample is fine when
+    # the hook says there are more, one value in total raises
+    one = torch.randn(1, 3, dtype=D)
+
+    def fake(count):
+        def moments(t, dims, mask=None):
+            shape = [1 if i in dims else n for i, n in enumerate(t.shape)]
+            return stats.Moments(torch.zeros(shape, dtype=D), torch.ones(shape, dtype=D),
+                                 torch.full(shape, float(count), dtype=D))
+        return moments
+
+    with pytest.raises(ValueError, match="switchable_norm"):
+        FM.switchable_norm(one, logits, logits, training=True)
+    y = FM.switchable_norm(one, logits, logits, training=True, moments_fn=fake(6))
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="over all ranks in training, got 1"):
+        FM.switchable_norm(one, logits, logits, training=True, moments_fn=fake(1))
+    proj = torch.randn(2, 3, dtype=D)
+    with pytest.raises(ValueError, match="N=1"):
+        FM.attentive_norm(one, torch.ones(2, 3, dtype=D), torch.zeros(2, 3, dtype=D), proj,
+                          training=True)
+    y = FM.attentive_norm(one, torch.ones(2, 3, dtype=D), torch.zeros(2, 3, dtype=D), proj,
+                          training=True, moments_fn=fake(6))
+    assert torch.isfinite(y).all()
 
 
 def _combined(x, cuts):

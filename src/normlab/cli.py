@@ -102,7 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--init-scale", type=float, default=1.0,
                    help="multiply the hidden layers' initial weights by this")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per step and per process: under torchrun the global batch "
+                   "is batch-size x the number of processes")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -118,8 +120,54 @@ def _add_train(sub) -> None:
                    help="torch CPU threads (default 1: these small models run fastest on "
                    "one thread per run; 0 keeps torch's default)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full result here")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="write the trained model's state_dict here (torch.save)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun, make batch statistics global over the processes "
+                   "with normlab.nn.to_sync_batchnorm (default); --no-sync-bn keeps them "
+                   "per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
+
+
+def _torchrun_env() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when started by torchrun with more than one
+    process (its RANK / WORLD_SIZE / LOCAL_RANK variables), else None."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if "RANK" not in os.environ:
+        raise SystemExit("normlab train: WORLD_SIZE > 1 but RANK is not set; start the "
+                         "processes with torchrun")
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _average_curve_over_ranks(result, world: int, device) -> None:
+    """Each rank logged the loss and accuracy of its own shard; replace them by the
+    means over the ranks (equal shards: those of the global batch) and recompute
+    ``final_train_loss`` as train() does, so rank 0 reports the global curve."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    n = len(result.curve["loss"])
+    sizes = torch.tensor([n, -n], dtype=torch.float64, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if int(sizes[0]) != n or int(sizes[1]) != -n:  # cannot happen: ranks stop together
+        raise RuntimeError("normlab train: the ranks logged different numbers of steps")
+    both = torch.tensor([result.curve["loss"], result.curve["acc"]], dtype=torch.float64,
+                        device=device)
+    dist.all_reduce(both)
+    both /= world
+    result.curve["loss"], result.curve["acc"] = both[0].tolist(), both[1].tolist()
+    losses = [v for s, v in zip(result.curve["step"], result.curve["loss"], strict=True)
+              if s <= result.steps_done]
+    if losses:
+        tail = max(1, math.ceil(0.1 * len(losses)))
+        result.final_train_loss = sum(losses[-tail:]) / tail
 
 
 def _run_train(args) -> int:
@@ -130,6 +178,15 @@ def _run_train(args) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    # Under torchrun (WORLD_SIZE > 1) every process runs this: one model under
+    # DistributedDataParallel, each process on its shard of every global batch of
+    # batch_size x world samples, so it takes the steps of one process with that batch.
+    ddp_env = _torchrun_env()
+    rank, world, local_rank = ddp_env or (0, 1, 0)
+    device = torch.device(args.device)
+    if ddp_env and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    say = print if rank == 0 else (lambda *a, **k: None)
     kw = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     try:
         ds = data.load(args.data, seed=args.data_seed, root=args.data_dir)
@@ -138,23 +195,60 @@ def _run_train(args) -> int:
                              dropout=args.dropout, init_scale=args.init_scale, **kw,
                              **_parse_kv(args.norm_kw))
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"normlab train: error: {e}", file=sys.stderr)
+        say(f"normlab train: error: {e}", file=sys.stderr)
         return 2
     shape = "x".join(str(s) for s in ds.in_shape)
-    print(f"normlab train: {args.model} (norm={args.norm}) on {ds.name} "
-          f"({ds.num_train} train / {ds.num_test} test, {shape}), batch {args.batch_size}, "
-          f"lr {args.lr}, {args.steps} steps, seed {args.seed}", flush=True)
-    result = train(
-        model, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, optimizer=args.optimizer,
-        schedule=args.schedule, warmup_steps=args.warmup, clip_grad_norm=args.clip,
-        seed=args.seed, eval_every=args.eval_every, device=args.device,
-        progress=False if args.no_progress else None,
-        desc=f"{args.model}/{args.norm}",
-        config={"data": ds.name, "data_seed": args.data_seed, "model": args.model,
-                "norm": args.norm, "norm_kwargs": _parse_kv(args.norm_kw), **kw,
-                "dropout": args.dropout, "init_scale": args.init_scale},
-    )
+    batch = f"batch {args.batch_size}"
+    config = {"data": ds.name, "data_seed": args.data_seed, "model": args.model,
+              "norm": args.norm, "norm_kwargs": _parse_kv(args.norm_kw), **kw,
+              "dropout": args.dropout, "init_scale": args.init_scale}
+    if ddp_env:
+        batch = (f"batch {args.batch_size} per process x {world} processes "
+                 f"(DDP{', SyncBatchNorm' if args.sync_bn else ''})")
+        config.update(sync_bn=args.sync_bn, global_batch_size=args.batch_size * world)
+    say(f"normlab train: {args.model} (norm={args.norm}) on {ds.name} "
+        f"({ds.num_train} train / {ds.num_test} test, {shape}), {batch}, "
+        f"lr {args.lr}, {args.steps} steps, seed {args.seed}", flush=True)
+    net = model
+    if ddp_env:
+        import gc
+
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        from normlab.nn import to_sync_batchnorm
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        if ddp_env:
+            if args.sync_bn:
+                model = to_sync_batchnorm(model)
+            model.to(device)
+            net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        result = train(
+            net, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, optimizer=args.optimizer,
+            schedule=args.schedule, warmup_steps=args.warmup, clip_grad_norm=args.clip,
+            seed=args.seed, eval_every=args.eval_every, device=device,
+            progress=False if args.no_progress else None,
+            desc=f"{args.model}/{args.norm}", rank=rank, world_size=world, config=config,
+        )
+        if ddp_env:
+            _average_curve_over_ranks(result, world, device)
+    finally:
+        if ddp_env:
+            # destroy_process_group drops only c10d's references to the group: free the
+            # DDP wrapper (and its reducer, which holds the group) now, or the gloo
+            # group may be destroyed during interpreter shutdown, which can abort.
+            net = None
+            gc.collect()
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     r = result
     print(f"parameters {r.num_params:,}")
     if r.diverged:
@@ -170,10 +264,230 @@ def _run_train(args) -> int:
     if args.json:
         result.to_json(args.json)
         print(f"result written to {args.json}")
+    if args.save:
+        torch.save(model.state_dict(), args.save)
+        print(f"state_dict written to {args.save}")
     return 0
 
 
-_COMMANDS = [_add_list, _add_demo, _add_train]
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="re-run the papers' claims and a normalizer x batch x lr grid; write a report",
+        description="The main job: run every claim of the lab (each a small experiment "
+        "with a criterion written before the run and a verdict) and a comparison grid "
+        "(normalizers x batch sizes 2-128 x learning rates, a small CNN), over worker "
+        "processes, then write DIR/index.html, DIR/README.md, DIR/claims.json and PNG plots. "
+        "Resumable: every run is stored as JSON; running the same command again redoes only "
+        "what is missing and rewrites the report. Budgets on 2 CPU cores: --quick at most "
+        "5 minutes, default at most 30, --full as long as it needs.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="budget", const="quick",
+                      help="the quick budget (fewer steps, one seed; at most 5 minutes)")
+    size.add_argument("--full", action="store_const", dest="budget", const="full",
+                      help="the full budget (more steps and seeds; as long as it needs)")
+    p.set_defaults(budget="default")
+    p.add_argument("--claims", nargs="+", metavar="ID", default=None,
+                   help="only these claims (ids or numbers, see `normlab claims`)")
+    p.add_argument("--data", default="digits",
+                   help="dataset of the grid and of the claims that let you choose "
+                   "(digits, mnist5k, mnist1d; default digits)")
+    p.add_argument("--out", default="normlab-study", metavar="DIR",
+                   help="study folder (default normlab-study/); an existing one is resumed")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes, one torch thread each (default 2)")
+    p.add_argument("--no-grid", action="store_true", help="skip the comparison grid")
+    p.set_defaults(run=_run_study)
+
+
+def _run_study(args) -> int:
+    import shlex
+
+    from normlab.study import format_claims_table, run_study
+
+    parts = ["normlab", "study"] + ([f"--{args.budget}"] if args.budget != "default" else [])
+    if args.claims:
+        parts += ["--claims", *args.claims]
+    if args.data != "digits":
+        parts += ["--data", args.data]
+    if args.no_grid:
+        parts.append("--no-grid")
+    if args.workers != 2:
+        parts += ["--workers", str(args.workers)]
+    parts += ["--out", args.out]
+    try:
+        summary = run_study(args.out, budget=args.budget, claims=args.claims, data=args.data,
+                            workers=args.workers, grid=not args.no_grid,
+                            command=" ".join(shlex.quote(x) for x in parts))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"normlab study: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nnormlab study: interrupted; every finished run is stored in {args.out}/, "
+              "and the same command again resumes from there", file=sys.stderr)
+        return 130
+    print()
+    print(format_claims_table(summary["claims"]))
+    print(f"\nstudy finished in {summary['wall_seconds']:.0f} s "
+          f"({summary['runs_done']} runs computed, {summary['runs_reused']} reused)")
+    print(f"report: {summary['report']}  (also README.md and claims.json in {args.out})")
+    return 0
+
+
+def _add_claims(sub) -> None:
+    p = sub.add_parser(
+        "claims", help="list the lab's claims (number, id, title, source, availability)",
+        description="List the claims `normlab study` re-runs: number, id (for --claims), "
+        "title, source, and whether the layers each one needs are available.")
+    p.set_defaults(run=_run_claims)
+
+
+def _run_claims(args) -> int:
+    from normlab.study import discover_claims
+
+    found = discover_claims()
+    if not found:
+        print("no claims yet")
+        return 0
+    for f in found:
+        c = f.claim
+        missing = c.missing_requirements()
+        status = "available" if not missing else "not available (missing " \
+            + ", ".join(missing) + ")"
+        print(f"{c.number:>3}  {c.id:28s} {c.title}")
+        print(f"     source: {' '.join(c.source.split())}")
+        print(f"     {status}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="rebuild a study's report from its stored results",
+        description="Rebuild DIR/index.html, DIR/README.md, DIR/claims.json and the grid's "
+        "plots from the JSON results a `normlab study` stored in DIR (nothing is re-run).")
+    p.add_argument("dir", metavar="DIR", help="the study folder")
+    p.add_argument("--replot", action="store_true",
+                   help="also redraw every claim's plots (default: only missing ones)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from normlab.report import write_report
+
+    try:
+        path = write_report(args.dir, replot=args.replot, log=print)
+    except FileNotFoundError as e:
+        print(f"normlab report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time every normalization layer against its peers (torch.nn, composite, copy)",
+        description="Speed and memory of every normlab normalization layer, forward and "
+        "forward+backward, train and eval, NCHW and channels_last, float32 and bfloat16, "
+        "against torch.nn, the plain composite, Online Norm's per-sample loop and a copy; "
+        "median of interleaved repeats. Writes a Markdown table and JSON records.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (under a minute): one shape, 5 repeats")
+    p.add_argument("--layers", nargs="+", default=None, help="layer names (default: all)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="NxCxHxW",
+                   help="input shapes, e.g. 32x64x32x32 (default: the issue's four)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--layouts", nargs="+", default=None, choices=["nchw", "channels_last"])
+    p.add_argument("--modes", nargs="+", default=None, choices=["train", "eval"])
+    p.add_argument("--passes", nargs="+", default=None, choices=["fwd", "fwd+bwd"])
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per cell (median)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="cpu (default with 1 thread: leaves out time other processes hold "
+                   "the cores) or wall")
+    p.add_argument("--no-targets", action="store_true", help="skip the issue's target checks")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
+    p.add_argument("--md", default=None, metavar="PATH", help="write the Markdown report")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from normlab import bench
+
+    try:
+        shapes = [bench.parse_shape(s) for s in args.shapes] if args.shapes else None
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    quick = args.quick
+    kw = {
+        "layers": args.layers,
+        "shapes": shapes or (bench.QUICK_SHAPES if quick else None),
+        "dtypes": args.dtypes or ["float32", "bfloat16"],
+        "layouts": args.layouts or list(bench.LAYOUTS),
+        "modes": args.modes or ["train", "eval"],
+        "passes": args.passes or ["fwd", "fwd+bwd"],
+        "repeats": args.repeats or (5 if quick else 15),
+        "warmup": 1 if quick else 2,
+        "threads": args.threads,
+        "clock": args.clock,
+        "targets": not args.no_targets,
+    }
+    try:
+        result = bench.run(**kw, progress=lambda s: print(f"normlab bench: {s}", flush=True))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    text = result.to_markdown()
+    print(text)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        result.to_json(args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
+_COMMANDS = [_add_list, _add_demo, _add_train, _add_study, _add_claims, _add_report, _add_bench]
+
+
+def _add_docs(sub) -> None:
+    p = sub.add_parser(
+        "docs",
+        help="regenerate docs/choosing.md (choosing a norm) from a study's and a "
+        "benchmark's JSON",
+        description="Write the guide to choosing a normalization layer: the hand-written "
+        "part from normlab.docs, the evidence (claim verdicts, speed ratios) from the JSON "
+        "of `normlab study` and `normlab bench`; missing evidence reads 'not measured yet'.",
+    )
+    p.add_argument("--study", metavar="DIR", default=None,
+                   help="a study's output folder (its claims.json) or the claims.json file")
+    p.add_argument("--bench", metavar="PATH", default=None,
+                   help="the records JSON written by `normlab bench`")
+    p.add_argument("--out", metavar="PATH", default="docs/choosing.md",
+                   help="where to write the Markdown ('-': print it); default: %(default)s")
+    p.set_defaults(run=_run_docs)
+
+
+def _run_docs(args) -> int:
+    from normlab.docs import write
+
+    try:
+        text = write(args.out, study=args.study, bench=args.bench)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"normlab docs: error: {e}", file=sys.stderr)
+        return 2
+    if args.out in (None, "-"):
+        print(text)
+    else:
+        print(f"normlab docs: wrote {args.out}")
+    return 0
+
+
+_COMMANDS.append(_add_docs)
 
 
 def build_parser() -> argparse.ArgumentParser:

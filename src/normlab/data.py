@@ -101,10 +101,12 @@ class Dataset:
 
     @property
     def num_train(self) -> int:
+        """Number of training examples (rows of ``x_train``)."""
         return int(self.x_train.shape[0])
 
     @property
     def num_test(self) -> int:
+        """Number of test examples (rows of ``x_test``)."""
         return int(self.x_test.shape[0])
 
     def __repr__(self) -> str:

@@ -103,26 +103,31 @@ def _group_norm(num_channels: int, num_groups: int | None = None, **kwargs) -> n
     return nlnn.GroupNorm(num_channels, num_groups, **kwargs)
 
 
+# Aliases include the names timm (create_norm_layer), mmcv (build_norm_layer: BN, BN2d,
+# SyncBN, GN, LN, IN ...), detectron2 (get_norm), Keras and torch.nn use for the same math.
 register_norm("batch", nlnn.BatchNorm, ("bn", "batchnorm", "batch_norm", "batchnorm1d",
-                                        "batchnorm2d", "batchnorm3d"),
+                                        "batchnorm2d", "batchnorm3d", "bn1d", "bn2d", "bn3d",
+                                        "batch_normalization"),
               "Batch Normalization (Ioffe & Szegedy 2015)")
 register_norm("batch_renorm", nlnn.BatchRenorm, ("brn", "batchrenorm", "renorm"),
               "Batch Renormalization (Ioffe 2017)")
 register_norm("sync_batch", nlnn.SyncBatchNorm, ("syncbn", "sync_bn", "syncbatchnorm",
-                                                 "sync_batch_norm", "sync_batchnorm"),
+                                                 "sync_batch_norm", "sync_batchnorm",
+                                                 "mmsyncbn", "nnsyncbn", "naivesyncbn"),
               "Batch Normalization with statistics over all ranks, any backend (gloo included)")
-register_norm("layer", nlnn.LayerNorm, ("ln", "layernorm", "layer_norm"),
+register_norm("layer", nlnn.LayerNorm, ("ln", "layernorm", "layer_norm", "layernormfp32",
+                                        "groupnorm1", "layer_normalization"),
               "Layer Normalization over C x spatial (Ba et al. 2016)")
 register_norm("layer_channels", nlnn.ChannelLayerNorm, ("ln2d", "layernorm2d", "channel_layer",
-                                                        "channel_layer_norm"),
+                                                        "channel_layer_norm", "layernorm2dfp32"),
               "Layer Normalization over channels only, per position (ConvNeXt, timm LayerNorm2d)")
-register_norm("rms", nlnn.RMSNorm, ("rmsnorm", "rms_norm"),
+register_norm("rms", nlnn.RMSNorm, ("rmsnorm", "rms_norm", "rmsnormfp32"),
               "Root Mean Square normalization (Zhang & Sennrich 2019)")
 register_norm("instance", nlnn.InstanceNorm, ("in", "instancenorm", "instance_norm",
                                               "instancenorm1d", "instancenorm2d",
-                                              "instancenorm3d"),
+                                              "instancenorm3d", "in1d", "in2d", "in3d"),
               "Instance Normalization (Ulyanov et al. 2016)")
-register_norm("group", _group_norm, ("gn", "groupnorm", "group_norm"),
+register_norm("group", _group_norm, ("gn", "groupnorm", "group_norm", "group_normalization"),
               "Group Normalization (Wu & He 2018)")
 register_norm("switchable", nlnn.SwitchableNorm, ("sn", "switchnorm", "switchable_norm",
                                                   "switchablenorm"),

@@ -1,7 +1,8 @@
 """Learned mixtures of normalizers: Switchable Normalization and Attentive Normalization.
 
 Both start from the *instance* moments (per sample and channel, over the trailing
-dimensions), taken once through :func:`normlab.stats.moments`. Every coarser
+dimensions), taken once (:func:`normlab.functional.core.instance_moments_fast`: torch's
+native group norm per channel where it is robust, else :mod:`normlab.stats`). Every coarser
 statistic (layer, group, batch) is derived from them exactly by the law of total
 variance over equal-sized groups,
 
@@ -20,7 +21,12 @@ from torch import Tensor
 from torch.nn import functional as tnf
 
 from normlab import stats
-from normlab.functional.core import batch_norm, normalize, update_running_
+from normlab.functional.core import (
+    batch_norm,
+    instance_moments_fast,
+    normalize,
+    update_running_,
+)
 
 __all__ = [
     "SWITCHABLE_TERMS",
@@ -47,8 +53,7 @@ def instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     Returned with shape ``(N, C, 1)`` in :func:`normlab.stats.stat_dtype`. On ``(N, C)``
     input (or a single trailing element) the mean is ``x`` itself and the variance 0.
     """
-    mean, var, _ = stats.moments(_flat(x), 2)
-    return mean, var
+    return instance_moments_fast(_flat(x))
 
 
 def pooled_moments(mean: Tensor, var: Tensor, dims: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -79,9 +84,11 @@ def switchable_weights(
     the remaining terms. Returns two tensors of shape (3,) in :data:`SWITCHABLE_TERMS`
     order.
     """
-    active = torch.tensor([using_in, using_ln, using_bn], device=mean_logits.device)
-    if not bool(active.any()):
+    # Checked on the Python flags, not on the tensor: a bool() of a tensor would be a
+    # host sync and a graph break under torch.compile.
+    if not (using_in or using_ln or using_bn):
         raise ValueError("switchable_weights: at least one of IN, LN, BN must be used")
+    active = torch.tensor([using_in, using_ln, using_bn], device=mean_logits.device)
     neg_inf = float("-inf")
     w_mean = torch.softmax(mean_logits.masked_fill(~active, neg_inf), 0)
     w_var = torch.softmax(var_logits.masked_fill(~active, neg_inf), 0)
@@ -94,6 +101,34 @@ def _check_batch_values(n: int, length: int, name: str, hint: str) -> None:
             f"{name}: batch statistics need more than 1 value per channel in training, got "
             f"input with N={n} and {length} trailing element(s) per channel; {hint}"
         )
+
+
+def _batch_term(
+    xr: Tensor, mu_in: Tensor, var_in: Tensor, training: bool, moments_fn, name: str, hint: str
+) -> tuple[Tensor, Tensor, Tensor | int]:
+    """Batch mean and biased variance ``(1, C, 1)`` of ``xr`` ``(N, C, L)`` and their count.
+
+    Locally they are pooled from the instance moments (exact, no further pass). With
+    ``moments_fn`` (the synchronisation hook of :mod:`normlab.nn.sync`) in training they
+    are ``moments_fn(xr, (0, 2))``, the moments over every rank's batch, differentiable;
+    the size check then uses the global count, so that every rank raises alike (a
+    local check could raise on one rank and leave the others waiting).
+    """
+    if training and moments_fn is not None:
+        m = moments_fn(xr, (0, 2))
+        total = int(torch.as_tensor(m.count).max())
+        if total <= 1:
+            raise ValueError(
+                f"{name}: batch statistics need more than 1 value per channel over all "
+                f"ranks in training, got {total} (local input with N={xr.shape[0]} and "
+                f"{xr.shape[2]} trailing element(s) per channel); {hint}"
+            )
+        return m.mean.to(mu_in.dtype), m.var.to(mu_in.dtype), m.count
+    n, length = xr.shape[0], xr.shape[2]
+    if training:
+        _check_batch_values(n, length, name, hint)
+    mean, var = pooled_moments(mu_in, var_in, 0)
+    return mean, var, n * length
 
 
 def switchable_norm(
@@ -109,6 +144,7 @@ def switchable_norm(
     eps: float = 1e-5,
     using_bn: bool = True,
     name: str = "switchable_norm",
+    moments_fn=None,
 ) -> Tensor:
     r"""Switchable Normalization (Luo et al., ICLR 2019) of ``x`` of shape ``(N, C, *)``.
 
@@ -130,22 +166,28 @@ def switchable_norm(
       ``r <- (1 - momentum) r + momentum * batch`` (torch.nn's convention, unbiased
       variance). Otherwise (eval) the running statistics stand in for the BN term,
       while IN and LN still come from the sample.
+    * ``moments_fn(x, dims, mask=None) -> Moments``, if given, supplies the BN term in
+      training (the synchronisation hook of :mod:`normlab.nn.sync`:
+      :func:`~normlab.nn.sync.sync_moments` gives the moments over every rank's batch,
+      and the running variance is unbiased with the global count). IN and LN are per
+      sample and stay local.
     """
     n, c = x.shape[:2]
     xr = _flat(x)
     length = xr.shape[2]
     using_in = length > 1
-    mu_in, var_in, _ = stats.moments(xr, 2)
+    mu_in, var_in = instance_moments_fast(xr)  # native fast path, see its docstring
     mu_ln, var_ln = pooled_moments(mu_in, var_in, 1)
     mu_bn = var_bn = None
     if using_bn:
         if training or running_mean is None or running_var is None:
-            if training:
-                _check_batch_values(n, length, name, "use using_bn=False for batch size 1")
-            mu_bn, var_bn = pooled_moments(mu_in, var_in, 0)
+            mu_bn, var_bn, count = _batch_term(
+                xr, mu_in, var_in, training, moments_fn, name,
+                "use using_bn=False for batch size 1",
+            )
             if training and running_mean is not None and running_var is not None:
                 update_running_(running_mean, mu_bn.flatten(), momentum, name)
-                unbiased = stats.unbiased(var_bn, n * length)
+                unbiased = stats.unbiased(var_bn, count)
                 update_running_(running_var, unbiased.flatten(), momentum, name)
         else:
             mu_bn = running_mean.view(1, c, 1).to(mu_in.dtype)
@@ -179,6 +221,7 @@ def attention_weights(
     attention_eps: float = 1e-3,
     name: str = "attention_weights",
     moments: tuple[Tensor, Tensor] | None = None,
+    moments_fn=None,
 ) -> Tensor:
     r"""Attentive Normalization's per-sample component weights, :math:`\lambda` of shape (N, K).
 
@@ -193,7 +236,8 @@ def attention_weights(
     running statistics updated when training) or a layer norm over the K outputs of
     each sample (``norm="group"``, i.e. GroupNorm with one group), each with its own
     affine ``attention_weight``, ``attention_bias``. ``moments`` may pass precomputed
-    :func:`instance_moments`.
+    :func:`instance_moments`. ``moments_fn`` (training, ``norm="batch"``) replaces the
+    batch moments of :math:`\mathrm{Norm}_K`, as in :func:`~normlab.functional.batch_norm`.
     """
     mu_in, var_in = instance_moments(x) if moments is None else moments
     compute = mu_in.dtype
@@ -202,7 +246,9 @@ def attention_weights(
     aw = None if attention_weight is None else attention_weight.to(compute)
     ab = None if attention_bias is None else attention_bias.to(compute)
     if norm == "batch":
-        if training and z.shape[0] == 1:
+        # With moments_fn the statistics are over all ranks and batch_norm checks the
+        # global count; a local check would raise on one rank only.
+        if training and moments_fn is None and z.shape[0] == 1:
             raise ValueError(
                 f"{name}: the batch-normalised attention needs more than 1 sample in "
                 "training, got N=1; use norm='group'"
@@ -210,6 +256,7 @@ def attention_weights(
         z = batch_norm(
             z, attention_running_mean, attention_running_var, aw, ab,
             training=training, momentum=momentum, eps=eps, name=f"{name} attention",
+            moments_fn=moments_fn if training else None,
         )
     elif norm == "group":
         mu, var = stats.moments(z, 1)[:2]
@@ -238,6 +285,7 @@ def attentive_norm(
     attention_eps: float = 1e-3,
     name: str = "attentive_norm",
     return_attention: bool = False,
+    moments_fn=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Attentive Normalization (Li, Sun & Wu, ECCV 2020) of ``x`` of shape ``(N, C, *)``.
 
@@ -252,19 +300,24 @@ def attentive_norm(
     ``component_weight, component_bias`` of shape (K, C); :math:`\lambda_n` from
     :func:`attention_weights` on the un-normalised ``x``. With
     ``return_attention=True`` returns ``(y, lambda)``.
+
+    ``moments_fn(x, dims, mask=None) -> Moments``, if given, supplies the batch moments
+    in training, of :math:`\hat{x}` and of the attention's batch norm over the K outputs
+    (``norm="batch"``; the synchronisation hook of :mod:`normlab.nn.sync`, which makes
+    both global over the ranks). The attention's instance moments stay per sample.
     """
     n, c = x.shape[:2]
     xr = _flat(x)
-    length = xr.shape[2]
-    mu_in, var_in, _ = stats.moments(xr, 2)
+    mu_in, var_in = instance_moments_fast(xr)  # native fast path, see its docstring
     if norm == "batch":
         if training or running_mean is None or running_var is None:
-            if training:
-                _check_batch_values(n, length, name, "use norm='group' for batch size 1")
-            mean, var = pooled_moments(mu_in, var_in, 0)
+            mean, var, count = _batch_term(
+                xr, mu_in, var_in, training, moments_fn, name,
+                "use norm='group' for batch size 1",
+            )
             if training and running_mean is not None and running_var is not None:
                 update_running_(running_mean, mean.flatten(), momentum, name)
-                unbiased = stats.unbiased(var, n * length)
+                unbiased = stats.unbiased(var, count)
                 update_running_(running_var, unbiased.flatten(), momentum, name)
         else:
             mean = running_mean.view(1, c, 1).to(mu_in.dtype)
@@ -282,7 +335,7 @@ def attentive_norm(
     lam = attention_weights(
         x, attention_proj, attention_weight, attention_bias, attention_running_mean,
         attention_running_var, training=training, momentum=momentum, eps=eps, norm=norm,
-        attention_eps=attention_eps, name=name, moments=(mu_in, var_in),
+        attention_eps=attention_eps, name=name, moments=(mu_in, var_in), moments_fn=moments_fn,
     )
     compute = mu_in.dtype
     gamma = (lam @ component_weight.to(compute)).unsqueeze(2)

@@ -10,19 +10,24 @@ batch dimension. :func:`linear_scan` evaluates
 for all t at once as an inclusive scan of the affine maps :math:`z \mapsto a_t z + b_t`
 (composition is associative): :math:`\lceil\log_2 N\rceil` vectorised steps, in
 float64, with only products and sums of the coefficients, no division and no
-negative powers :math:`\alpha^{-t}` (which overflow for long batches). The scans
-run on per-(sample, channel) statistics of shape (N, C); the full-size work is the
-moments and the normalization forward, and in backward recomputing y, two
-reductions (means of g and g*y per sample) and two fused multiply-adds.
+negative powers :math:`\alpha^{-t}` (which overflow for long batches; a constant
+coefficient takes a chunked cumulative sum instead). The scans run on
+per-(sample, channel) statistics of shape (N, C); the full-size work is the per-sample
+moments and :math:`\hat x = (x - m)/s` (torch's native group norm with one group per
+channel, :func:`normlab.functional.core.instance_normalized`) and one multiply-add
+forward, and in backward two reductions (means of g and g * x_hat per sample) and two
+fused multiply-adds over x_hat and g.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from normlab import stats
-from normlab.functional.core import normalize, update_running_
+from normlab.functional.core import instance_normalized, normalize, update_running_
 
 __all__ = ["linear_scan", "online_norm", "layer_scaling", "activation_clamp"]
 
@@ -40,8 +45,13 @@ def linear_scan(coef: Tensor | float, inp: Tensor, init: Tensor) -> Tensor:
 
     Hillis-Steele scan over the affine maps: after the step with offset d, element
     t holds the composition of the maps t-2d+1 .. t. Computes in the dtype of
-    ``inp`` (callers pass float64).
+    ``inp`` (callers pass float64). A constant ``coef`` in (0, 1] (a number) takes a
+    cumulative sum instead, :math:`z_t = a^t (z_0 + \sum_{s \le t} a^{-s} b_s)`, in
+    chunks short enough that :math:`a^{-s}` stays below :math:`e^{300}` (the same
+    conditioning as the recursion, and a few ops instead of four per scan step).
     """
+    if isinstance(coef, (int, float)) and 0.0 < coef <= 1.0:
+        return _constant_scan(float(coef), inp, init)
     b = inp.clone()
     a = torch.as_tensor(coef, dtype=inp.dtype, device=inp.device).expand_as(inp).clone()
     n = inp.shape[0]
@@ -54,6 +64,25 @@ def linear_scan(coef: Tensor | float, inp: Tensor, init: Tensor) -> Tensor:
         a = torch.cat((a[:d], a_new))
         d *= 2
     return torch.addcmul(b, a, init.expand_as(inp))
+
+
+def _constant_scan(a: float, inp: Tensor, init: Tensor) -> Tensor:
+    """:func:`linear_scan` for a constant coefficient ``a`` in (0, 1]."""
+    n = inp.shape[0]
+    trailing = (1,) * (inp.dim() - 1)
+    if a == 1.0:
+        return torch.cumsum(inp, 0) + init
+    chunk = max(1, int(300.0 / -math.log(a)))
+    out = torch.empty_like(inp)
+    prev = init.expand_as(inp[0])
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        j = torch.arange(1, stop - start + 1, dtype=inp.dtype, device=inp.device)
+        up = torch.pow(a, j).view(-1, *trailing)  # a^j <= 1
+        acc = torch.cumsum(inp[start:stop] / up, 0)  # sum of a^-i b_i, a^-i <= e^300
+        out[start:stop] = up * (prev + acc)
+        prev = out[stop - 1]
+    return out
 
 
 def _shift(first: Tensor, states: Tensor) -> Tensor:
@@ -70,10 +99,10 @@ class _OnlineNormFunction(torch.autograd.Function):
         running_mean, running_var, u, v = state
         n, c = x.shape[:2]
         xr = x.reshape(n, c, -1)
-        m, s2, _ = stats.moments(xr, 2, keepdim=False)  # (N, C), biased
+        # Per-sample moments (N, C), biased, float64, and x_hat = (x - m) / s: the output
+        # is then one multiply-add of x_hat, y = x_hat * (s / sigma) + (m - mu) / sigma.
+        x_hat, m, s2 = instance_normalized(xr)
         f64 = torch.float64
-        m = m.to(f64)
-        s2 = s2.to(f64)
         mu0 = running_mean.detach().to(f64)
         var0 = running_var.detach().to(f64)
         a = alpha_fwd
@@ -85,21 +114,18 @@ class _OnlineNormFunction(torch.autograd.Function):
         var = linear_scan(a, (1.0 - a) * s2 + (a * (1.0 - a)) * delta * delta, var0)
         var_prev = _shift(var0, var)
         inv_std = torch.rsqrt(var_prev + eps)  # (N, C)
-        compute = stats.stat_dtype(x.dtype)
-        y = normalize(
-            xr.to(compute),
-            mu_prev.to(compute).unsqueeze(2),
-            var_prev.to(compute).unsqueeze(2),
-            eps,
-        )
+        compute = x_hat.dtype
+        a = torch.sqrt(s2) * inv_std
+        b = delta * inv_std
+        y = torch.addcmul(b.to(compute).unsqueeze(2), x_hat, a.to(compute).unsqueeze(2))
         update_running_(running_mean, mu[-1], 1.0, name)
         update_running_(running_var, var[-1], 1.0, name)
         # mean_L(y_t) and mean_L(y_t^2), exactly, from the moments.
         y_mean = delta * inv_std
         y_sq = (s2 + delta * delta) * inv_std * inv_std
-        # Save the input, not y: an in-place op on the output (ReLU(inplace=True)) must
-        # not corrupt what backward needs. y is recomputed there in one pass.
-        ctx.save_for_backward(x, mu_prev, inv_std, y_mean, y_sq)
+        # Save x_hat (ours), not y: an in-place op on the output (ReLU(inplace=True))
+        # must not corrupt what backward needs; y = x_hat * a + b.
+        ctx.save_for_backward(x_hat, a, b, inv_std, y_mean, y_sq)
         ctx.state = (u, v)
         ctx.alpha_bkw = alpha_bkw
         ctx.name = name
@@ -109,20 +135,18 @@ class _OnlineNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, mu_prev, inv_std, y_mean, y_sq = ctx.saved_tensors
+        x_hat, a, b, inv_std, y_mean, y_sq = ctx.saved_tensors
         u, v = ctx.state
         k = 1.0 - ctx.alpha_bkw
         f64 = torch.float64
-        n, c = x.shape[:2]
-        compute = stats.stat_dtype(x.dtype)
-        y = (x.reshape(n, c, -1).to(compute) - mu_prev.to(compute).unsqueeze(2)) * inv_std.to(
-            compute
-        ).unsqueeze(2)
+        n, c = x_hat.shape[:2]
+        compute = x_hat.dtype
         g = grad_out.reshape(n, c, -1).to(compute)
         # Per-sample means over the trailing elements, accumulated in the compute dtype
-        # (a float64 accumulator would first copy the whole gradient to float64).
+        # (a float64 accumulator would first copy the whole gradient to float64);
+        # mean(g * y) = a * mean(g * x_hat) + b * mean(g).
         g_mean = g.mean(2).to(f64)
-        gy_mean = (g * y).mean(2).to(f64)
+        gy_mean = a * (g * x_hat).mean(2).to(f64) + b * g_mean
         u0 = u.detach().to(f64)
         v0 = v.detach().to(f64)
         # g'_t = g_t - k v_{t-1} y_t ;  v_t = v_{t-1} + mean(g'_t y_t)
@@ -133,11 +157,13 @@ class _OnlineNormFunction(torch.autograd.Function):
         #      = (1 - k) u_{t-1} + (mean(g_t) - k v_{t-1} mean(y_t)) / sigma_{t-1}
         u_all = linear_scan(1.0 - k, (g_mean - k * v_prev * y_mean) * inv_std, u0)
         u_prev = _shift(u0, u_all)
-        # dx = g * inv_std - y * (k v_prev inv_std) - k u_prev, in two fused passes.
+        # dx = g * inv_std - y * (k v_prev inv_std) - k u_prev, in two fused passes
+        # over x_hat and g (y = x_hat * a + b).
         scale = inv_std.to(compute).unsqueeze(2)
-        y_coef = (-k * v_prev * inv_std).to(compute).unsqueeze(2)
-        shift = (-k * u_prev).to(compute).unsqueeze(2)
-        grad_in = torch.addcmul(torch.addcmul(shift, y, y_coef), g, scale)
+        y_coef = -k * v_prev * inv_std
+        xh_coef = (y_coef * a).to(compute).unsqueeze(2)
+        shift = (y_coef * b - k * u_prev).to(compute).unsqueeze(2)
+        grad_in = torch.addcmul(torch.addcmul(shift, x_hat, xh_coef), g, scale)
         grad_in = grad_in.to(grad_out.dtype).reshape(ctx.x_shape)
         update_running_(u, u_all[-1], 1.0, ctx.name)
         update_running_(v, v_all[-1], 1.0, ctx.name)
@@ -197,12 +223,41 @@ def online_norm(
     )
 
 
+class _LayerScaling(torch.autograd.Function):
+    """Layer scaling with its closed-form backward: with s = (mean(x^2) + eps)^(-1/2)
+    per sample, d(x s)/dx applied to g is ``s g - (s^3 / n) (g . x) x`` (two passes)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        n = x.shape[0]
+        compute = stats.stat_dtype(x.dtype)
+        xf = x.reshape(n, -1).to(compute)
+        # mean(x^2) per sample, in one read pass (vector_norm; (x * x).sum() takes two).
+        ms = torch.linalg.vector_norm(xf, dim=1, keepdim=True) ** 2 / xf.shape[1]
+        scale = torch.rsqrt(ms + eps)
+        ctx.save_for_backward(x, scale)
+        # Not (xf * scale).reshape(x.shape): a custom Function must not return a view of
+        # an intermediate, or an in-place op on the output (ReLU(inplace=True)) raises.
+        per_sample = scale.view((n,) + (1,) * (x.dim() - 1))
+        return (x.to(compute) * per_sample).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, scale = ctx.saved_tensors
+        n = x.shape[0]
+        xf = x.reshape(n, -1).to(scale.dtype)
+        g = grad_out.reshape(n, -1).to(scale.dtype)
+        gx = (g * xf).sum(1, keepdim=True)
+        coef = -(scale**3) * gx / xf.shape[1]
+        return torch.addcmul(g * scale, xf, coef).to(grad_out.dtype).reshape(x.shape), None
+
+
 def layer_scaling(x: Tensor, eps: float = 1e-5) -> Tensor:
     r"""Online Norm's layer scaling ECM: :math:`z_n = x_n / \sqrt{\overline{x_n^2} + \epsilon}`,
-    with the mean square over every non-batch element of sample n."""
-    ms = stats.mean_square(x, tuple(range(1, x.dim())))
-    scale = torch.rsqrt(ms + eps)
-    return (x.to(scale.dtype) * scale).to(x.dtype)
+    with the mean square over every non-batch element of sample n. (A custom autograd
+    function with the closed-form backward; first-order gradients only.)"""
+    return _LayerScaling.apply(x, float(eps))
 
 
 def activation_clamp(x: Tensor, clamp_value: float = 5.0) -> Tensor:

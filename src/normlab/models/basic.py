@@ -423,7 +423,8 @@ _MODEL_ALIASES = {"lstm_classifier": "lstm", "rnn": "lstm", "resnet8": "resnet",
 
 
 def list_models() -> list[str]:
-    """Names :func:`build` accepts."""
+    """The model names :func:`build` accepts (``"mlp"``, ``"cnn"``, ...), in the order
+    they were registered."""
     return list(_BUILDERS)
 
 

@@ -30,7 +30,9 @@ class NormBase(nn.Module):
 
     ``momentum`` is the weight of the new batch in the running average (torch.nn's
     convention; Keras's and Flax's ``momentum=0.99`` is ``0.01`` here); ``None``
-    makes the running statistics a cumulative average over all batches seen.
+    makes the running statistics a cumulative average over all batches seen (under
+    torch.compile that reads the batch counter on the host: a graph break per training
+    call; the default momentum compiles without one).
     """
 
     def __init__(
@@ -85,12 +87,15 @@ class NormBase(nn.Module):
         return f"{type(self).__name__}({self.num_channels})"
 
     def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1 and the batch counter 0 (when tracked)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
+        """Initial state: :meth:`reset_running_stats`, weight 1 and bias 0. Also what
+        materialises a layer built on the meta device, after ``to_empty()``."""
         self.reset_running_stats()
         if self.weight is not None:
             nn.init.ones_(self.weight)

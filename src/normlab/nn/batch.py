@@ -33,7 +33,12 @@ class BatchNorm(NormBase):
 
     NaN or inf in the input gives NaN in the output, and the affected channels'
     running statistics are *not* updated: a RuntimeWarning names the layer and the
-    channels, so a bad batch never silently poisons a checkpoint.
+    channels, so a bad batch never silently poisons a checkpoint. (Under
+    torch.compile the guard stays but the warning, a host-side check, is skipped.)
+
+    torch.compile: no graph break in the default configuration. ``momentum=None``
+    and a ``mask`` each add a host-side read (the batch counter; the valid counts),
+    hence a graph break.
 
     Args:
         num_channels: C, the size of dimension 1 of the input.
@@ -43,11 +48,30 @@ class BatchNorm(NormBase):
         affine: learn a per-channel scale :math:`\gamma` (init 1) and shift
             :math:`\beta` (init 0). Default: True.
         track_running_stats: keep running statistics for eval. Default: True.
+        activation: None, ``"relu"`` or ``"leaky_relu"`` applied to the output (fused
+            into the kernel with ``fused=True``). Default: None.
+        negative_slope: of ``"leaky_relu"``. Default: 0.01.
+        fused: in training, run the fused C++ kernels of :mod:`normlab.kernels` (CPU
+            float32/bfloat16, contiguous or channels_last; compiled at first use, a few
+            seconds, then cached); other inputs take the default path. Same outputs and
+            gradients as the default path within float32 rounding; no double backward.
+            Default: False.
+        save_memory: keep only the output for backward, not the input (the idea of
+            InPlace-ABN): backward recovers the normalized input from the output, so
+            it needs ``activation`` None or ``"leaky_relu"`` and non-zero weights. When
+            the next layer keeps the output anyway (a convolution does), the pair keeps
+            one tensor instead of two. Default: False.
+
+    The default path uses torch's native kernel where it is as robust as
+    :mod:`normlab.stats` (see :func:`normlab.functional.batch_norm`): in eval, and in
+    training for contiguous input of rank >= 3; channels_last and ``(N, C)`` input and
+    masks use the composite over :mod:`normlab.stats`.
 
     Shape:
         - Input: :math:`(N, C, *)`, at least 2 dimensions.
         - Mask (optional, in ``forward``): bool, broadcastable to the input, True for
-          valid elements; padded elements take no part in the statistics.
+          valid elements; padded elements take no part in the statistics (default
+          path only).
         - Output: same shape as the input.
 
     Raises:
@@ -69,15 +93,45 @@ class BatchNorm(NormBase):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        fused: bool = False,
+        save_memory: bool = False,
     ) -> None:
         super().__init__(
             num_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        if activation not in (None, "relu", "leaky_relu"):
+            raise ValueError(f"{self.layer_name}: activation must be None, 'relu' or "
+                             f"'leaky_relu', got {activation!r}")
+        if save_memory and (activation == "relu" or negative_slope <= 0):
+            raise ValueError(f"{self.layer_name}: save_memory needs an invertible activation "
+                             f"(None, or 'leaky_relu' with negative_slope > 0), got "
+                             f"activation={activation!r}, negative_slope={negative_slope}")
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.fused = bool(fused)
+        self.save_memory = bool(save_memory)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
+        if mask is None and (self.fused or self.save_memory or self.activation is not None):
+            from normlab import kernels  # compiled lazily, only when asked for
+
+            y = kernels.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                training=self.training, momentum=factor, eps=self.eps,
+                activation=self.activation, negative_slope=self.negative_slope,
+                save_memory=self.save_memory and self.training, fused=self.fused,
+                name=self.layer_name,
+            )
+            if counting:
+                self._count_batch()
+            return y
+        if mask is not None and self.activation is not None:
+            raise ValueError(f"{self.layer_name}: a mask is not supported with activation")
         y = F.batch_norm(
             x,
             self.running_mean,
@@ -93,6 +147,12 @@ class BatchNorm(NormBase):
         if counting:
             self._count_batch()
         return y
+
+    def extra_repr(self) -> str:
+        extra = [f"activation={self.activation!r}"] if self.activation else []
+        extra += ["fused=True"] if self.fused else []
+        extra += ["save_memory=True"] if self.save_memory else []
+        return ", ".join([super().extra_repr(), *extra])
 
 
 class BatchRenorm(NormBase):
@@ -147,6 +207,10 @@ class BatchRenorm(NormBase):
     :func:`normlab.nn.to_sync_batchnorm`) the batch moments, hence r, d and the
     running statistics, are taken over every rank of ``process_group`` (None: the
     default group).
+
+    torch.compile: no graph break with ``warmup=None``. With a warm-up schedule the
+    limits depend on the step counter, read on the host: a graph break per training
+    call, and recompilation as the limits change.
     """
 
     #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
@@ -187,6 +251,8 @@ class BatchRenorm(NormBase):
 
     def current_limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` that the next training step will use."""
+        if self.warmup is None:  # no int() of the step counter: no host sync, no graph break
+            return self.r_max, self.d_max
         return F.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max, self.warmup)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -214,6 +214,7 @@ class DoubleThreshold(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Every factor :math:`r` to ``r_init``."""
         nn.init.constant_(self.r, self.r_init)
 
     def forward(self, h: Tensor) -> Tensor:

@@ -12,6 +12,16 @@ from normlab.nn.sample import choose_num_groups
 __all__ = ["SwitchableNorm", "AttentiveNorm"]
 
 
+def _moments_fn(layer) -> object:
+    """The layer's batch-moments hook in training (None: local moments); see
+    :mod:`normlab.nn.sync`."""
+    if not (layer.training and layer.sync_batch_stats):
+        return None
+    from normlab.nn.sync import moments_fn_for  # sync imports normlab.nn.batch
+
+    return moments_fn_for(layer)
+
+
 class SwitchableNorm(NormBase):
     r"""Switchable Normalization (Luo, Ren, Peng, Zhang & Li, ICLR 2019).
 
@@ -68,12 +78,23 @@ class SwitchableNorm(NormBase):
 
     Raises:
         ValueError: wrong rank or channel count; training with the BN term on one
-            value per channel (``N * prod(*) == 1``).
+            value per channel (``N * prod(*) == 1``; over all ranks when synchronised).
+
+    Distributed training: it follows the batch-statistics synchronisation protocol of
+    :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    :func:`normlab.nn.to_sync_batchnorm`) the BN term and its running statistics are
+    taken over every rank of ``process_group`` (None: the default group); IN and LN
+    are per sample and stay local.
     """
 
     # running_mean / running_var are BatchNorm's (batch term, unbiased variance), so
     # normlab.convert may carry them over from and to batch-statistics layers.
     _normlab_batch_statistics = True
+
+    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    sync_batch_stats: bool = False
+    #: The process group of the global moments; None is the default group.
+    process_group = None
 
     def __init__(
         self,
@@ -137,6 +158,7 @@ class SwitchableNorm(NormBase):
             eps=self.eps,
             using_bn=self.using_bn,
             name=self.layer_name,
+            moments_fn=_moments_fn(self),
         )
         if counting:
             self._count_batch()
@@ -200,11 +222,24 @@ class AttentiveNorm(NormBase):
 
     Raises:
         ValueError: wrong rank or channel count; ``norm="batch"`` in training with
-            N = 1 (the attention's batch norm needs 2 samples) or one value per channel.
+            N = 1 (the attention's batch norm needs 2 samples) or one value per channel
+            (over all ranks together when synchronised).
+
+    Distributed training: it follows the batch-statistics synchronisation protocol of
+    :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    :func:`normlab.nn.to_sync_batchnorm`) and ``norm="batch"``, the batch moments of
+    :math:`\hat{x}` and of the attention's batch norm over the K outputs, and both
+    running statistics, are taken over every rank of ``process_group`` (None: the
+    default group). ``norm="group"`` uses no batch statistics and is unaffected.
     """
 
     # norm="batch": running_mean / running_var are BatchNorm's.
     _normlab_batch_statistics = True
+
+    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    sync_batch_stats: bool = False
+    #: The process group of the global moments; None is the default group.
+    process_group = None
 
     def __init__(
         self,
@@ -284,7 +319,9 @@ class AttentiveNorm(NormBase):
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """The attention :math:`\\lambda` of shape (N, K) that ``forward(x)`` would use,
-        without updating any running statistics (for reports and analysis)."""
+        without updating any running statistics (for reports and analysis). It never
+        communicates: in synchronised training the attention's batch norm uses this
+        rank's batch only."""
         self._check_input(x)
         running = (None, None)
         if not self.training:
@@ -317,6 +354,7 @@ class AttentiveNorm(NormBase):
             num_groups=self.num_groups or 1,
             attention_eps=self.attention_eps,
             name=self.layer_name,
+            moments_fn=_moments_fn(self),
         )
         if counting:
             self._count_batch()

@@ -26,6 +26,11 @@ All statistics come from :func:`normlab.stats.moments`. Not supported (unlike
 torch.nn.LSTM): ``bidirectional``, ``proj_size`` and unbatched 2-D input. The
 recurrence is a Python loop over time steps (no fused kernel), so these layers are
 several times slower than torch.nn.LSTM.
+
+torch.compile unrolls that loop: no graph break, but the compile time grows with the
+sequence length and every new length compiles again. ``lengths``, ``mask`` and
+PackedSequence input are checked on the host (graph breaks). torch.export and ONNX
+export work in eval mode, for the traced sequence length.
 """
 
 from __future__ import annotations
@@ -189,10 +194,12 @@ class StepBatchNorm(nn.Module):
         """Row of the running statistics that steps ``t0 .. t0 + steps - 1`` use in eval."""
         idx = torch.arange(self.max_steps, device=self.running_mean.device)
         tracked = self.num_batches_tracked > 0
-        last = torch.where(tracked, idx, torch.full_like(idx, -1)).cummax(0).values
-        rows = torch.where(last >= 0, last, idx)
         t = torch.arange(t0, t0 + steps, device=idx.device).clamp(max=self.max_steps - 1)
-        return rows[t]
+        # The latest tracked step s <= t, as a masked max over (steps, max_steps) rather
+        # than a cummax, which ONNX has no operator for.
+        usable = tracked[None, :] & (idx[None, :] <= t[:, None])
+        last = torch.where(usable, idx[None, :], torch.full_like(idx, -1)[None, :]).amax(1)
+        return torch.where(last >= 0, last, t)
 
     def _running(self, t0: int, steps: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self.per_step:
@@ -557,7 +564,10 @@ class _LSTMBase(nn.Module):
         w_hh = getattr(self, f"weight_hh_l{k}")
         xw = self._norm_input(k, torch.matmul(x, w_ih.t()), valid)
         if self.bias:
-            xw = xw + (getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}"))
+            # Two adds, not xw + (b_ih + b_hh): the pre-summed form gives both biases the
+            # very same gradient tensor, which torch.compile (inductor, torch 2.13) returns
+            # aliased, so that a second backward without zero_grad counts it twice.
+            xw = xw + getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
         outputs = []
         for step in range(x.shape[0]):
             valid_t = None if valid is None else valid[step]

@@ -39,6 +39,11 @@ class LayerNorm(NormBase):
             Default: True.
         bias: learn :math:`\beta` when affine. Default: True.
 
+    Computed by torch's native CPU group norm with one group (the same math, as
+    robust as :mod:`normlab.stats`; see :class:`GroupNorm` for channels_last) when there
+    is no mask; with a mask, by the composite over :mod:`normlab.stats` (see
+    :func:`normlab.functional.layer_norm`, ``path``).
+
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape. An optional bool
           ``mask`` (broadcastable, True = valid) keeps padding out of the statistics.
@@ -70,6 +75,9 @@ class ChannelLayerNorm(NormBase):
         eps: Default: 1e-5 (ConvNeXt uses 1e-6).
         affine: Default: True.
         bias: Default: True.
+
+    Computed by torch's native layer norm over C after moving C last, as timm's
+    LayerNorm2d does (no copy for channels_last input).
 
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape.
@@ -133,6 +141,10 @@ class InstanceNorm(NormBase):
         momentum: Default: 0.1; None for a cumulative average.
         affine: Default: False.
         track_running_stats: Default: False.
+
+    Computed by torch's native CPU batch norm on the input viewed as ``(1, N*C, *)``
+    (what torch.nn.InstanceNorm does: two passes, double accumulation), with the
+    running statistics, if kept, updated by normlab (NaN-guarded).
 
     Shape:
         - Input: :math:`(N, C, L_1, \dots)` with at least one trailing dimension and
@@ -201,6 +213,11 @@ class GroupNorm(NormBase):
             :func:`choose_num_groups` picks one for any C.
         eps: Default: 1e-5.
         affine: per-channel :math:`\gamma` (1) and :math:`\beta` (0). Default: True.
+
+    Computed by torch's native CPU group norm (robust on contiguous input; channels_last
+    input is first shifted by one of its values per sample and group, because torch's
+    channels_last kernel computes ``E[x^2] - E[x]^2`` in float32); with a mask, or
+    groups of one element, by the composite over :mod:`normlab.stats`.
 
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape.

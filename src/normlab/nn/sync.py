@@ -49,7 +49,9 @@ take part by following a small protocol instead of being replaced:
 
 :func:`to_sync_batchnorm` sets ``sync_batch_stats = True`` and ``process_group`` on
 every such layer, so it keeps its own behaviour with global statistics.
-:class:`normlab.nn.BatchRenorm` follows the protocol.
+:class:`normlab.nn.BatchRenorm`, :class:`normlab.nn.SwitchableNorm` (its BN term) and
+:class:`normlab.nn.AttentiveNorm` (``norm="batch"``: the batch moments of
+:math:`\hat{x}` and of the attention's batch norm) follow the protocol.
 """
 
 from __future__ import annotations
@@ -462,9 +464,10 @@ def to_sync_batchnorm(
       device, dtype, requires_grad and any optimizer's references carry over), with
       the same eps, momentum, affine, track_running_stats and training mode.
     * Layers following the synchronisation protocol of :mod:`normlab.nn.sync`
-      (:class:`normlab.nn.BatchRenorm`, and the batch-statistics mixtures) stay what
-      they are: their ``sync_batch_stats`` is set True and ``process_group`` set, so
-      they keep their own behaviour with global statistics.
+      (:class:`normlab.nn.BatchRenorm`, :class:`normlab.nn.SwitchableNorm`,
+      :class:`normlab.nn.AttentiveNorm`) stay what they are: their
+      ``sync_batch_stats`` is set True and ``process_group`` set, so they keep their
+      own behaviour with global statistics.
     * :class:`SyncBatchNorm` layers are left as they are.
     * Any *subclass* of torch's or normlab's batch norm that is none of the above
       (e.g. timm's ``BatchNormAct2d``, batch norm followed by an activation) is never

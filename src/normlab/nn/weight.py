@@ -77,6 +77,7 @@ class WeightNorm(nn.Module):
         return v * (g / self.norm(v))
 
     def right_inverse(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, v) = (||w||, w)``: the parameters that give back the weight ``w``."""
         return self.norm(w), w
 
 
@@ -236,7 +237,26 @@ def _rebuild_parametrized(base: type, state: dict, plists) -> nn.Module:
     return obj
 
 
+def _reset_parametrized(self: nn.Module) -> None:
+    """The plain layer's ``reset_parameters``, kept through the parametrization.
+
+    ``nn.Linear.reset_parameters`` (and ConvNd's) initialises ``self.weight`` in place,
+    but on a parametrized module that tensor is recomputed from ``g`` and ``v`` at every
+    access, so the initialisation would be silently lost (e.g. after ``to_empty()``
+    from the meta device). It runs on the cached weight, which is then assigned back
+    through ``right_inverse``: ``v = w``, ``g = ||w||``, as when ``weight_norm`` is applied.
+    """
+    with parametrize.cached():
+        type(self).__bases__[0].reset_parameters(self)
+        values = {name: getattr(self, name).detach().clone() for name in self.parametrizations}
+    with torch.no_grad():
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
 def _make_picklable(module: nn.Module) -> None:
     cls = type(module)
     if cls.__dict__.get("__reduce_ex__") is not _reduce_parametrized:
         cls.__reduce_ex__ = _reduce_parametrized
+    if callable(getattr(cls.__bases__[0], "reset_parameters", None)):
+        cls.reset_parameters = _reset_parametrized
