@@ -79,8 +79,9 @@ def judge(m: dict) -> tuple[str, str]:
         return "reproduced", f"BN loses >= {MIN_DROP:g} at batch {m['small']} and >= " \
                              f"{MIN_EXCESS:g} more than the plain net ({desc})."
     if d_bn < NO_DROP or excess < NO_EXCESS:
-        return "not reproduced", f"BN's loss at batch {m['small']} is below {NO_DROP:g}, or " \
-                                 f"within {NO_EXCESS:g} of the plain net's ({desc})."
+        return "not reproduced", f"BN's accuracy drop at batch {m['small']} is below " \
+                                 f"{NO_DROP:g}, or within {NO_EXCESS:g} of the plain " \
+                                 f"net's ({desc})."
     return "inconclusive", f"BN degrades at batch {m['small']}, but between the criterion's " \
                            f"bars ({desc})."
 
