@@ -148,9 +148,10 @@ def plot(m: dict, out_dir: Path) -> list[str]:
         ax.set_title(f"weights of the {'means' if kind == 'mean' else 'variances'}")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("softmax weight (avg over layers)")
-    axes[0].legend(title="term (dashed: start, 1/3)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", title="term\n(dashed:\nstart, 1/3)")
     fig.suptitle(f"Switchable Norm's learned IN/LN/BN weights (CNN, {DATA})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     name = "sn_matches_best_weights.png"
     fig.savefig(Path(out_dir) / name, dpi=110)
     plt.close(fig)

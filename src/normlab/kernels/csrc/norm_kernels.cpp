@@ -293,6 +293,7 @@ void bn_fwd_nlc(const T* x, T* y, int64_t M, int64_t C, const float* w, const fl
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t r0 = t * R, r1 = std::min(M, r0 + R);
       const float rows = static_cast<float>(r1 - r0);
+      // pass a: the tile's mean, about the global shift k
       std::fill(s1.begin(), s1.end(), 0.f);
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = x + r * C;
@@ -302,6 +303,7 @@ void bn_fwd_nlc(const T* x, T* y, int64_t M, int64_t C, const float* w, const fl
         for (int64_t c = 0; c < C; ++c) s1p[c] += ld(xr, c) - kp[c];
       }
       for (int64_t c = 0; c < C; ++c) tm[c] = k[c] + s1[c] / rows;
+      // pass b (in cache): sums of (x - tile mean) and its square
       std::fill(s1.begin(), s1.end(), 0.f);
       std::fill(s2.begin(), s2.end(), 0.f);
       for (int64_t r = r0; r < r1; ++r) {
