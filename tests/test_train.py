@@ -263,3 +263,30 @@ def test_cli_train_reports_bad_arguments(tmp_path, capsys):
     assert cli.main(["train", "--data", "digits", "--model", "mlp", "--norm", "in",
                      "--no-progress"]) == 2
     assert "cannot normalize" in capsys.readouterr().err
+
+
+def test_callable_optimizer_keeps_each_group_rate_ratio():
+    """The schedule scales every parameter group alike: a group the optimizer factory
+    gives lr/10 stays at a tenth of the scheduled rate (it used to be overwritten)."""
+    x, y = _blobs()
+    model = _mlp(norm="none")
+    params = list(model.parameters())
+    created = []
+
+    def make(_):
+        opt = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.005}],
+                              lr=0.05)
+        created.append(opt)
+        return opt
+
+    seen = []
+
+    def record(step, m, info):
+        seen.append((info["lr"], [g["lr"] for g in created[0].param_groups]))
+
+    train(model, x, y, steps=6, batch_size=8, lr=0.05, optimizer=make, schedule="cosine",
+          seed=0, progress=False, callbacks=[record])
+    assert len(seen) == 6 and seen[-1][0] < 0.05  # the cosine schedule moved the rate
+    for scheduled, (first, second) in seen:
+        assert first == pytest.approx(scheduled, rel=1e-12)
+        assert second == pytest.approx(scheduled / 10, rel=1e-12)

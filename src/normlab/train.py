@@ -310,8 +310,9 @@ def train(
         lr, momentum, weight_decay, nesterov: SGD's (momentum 0.9 by default); weight
             decay applies to every parameter.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``callable(params) ->
-            Optimizer`` (then ``lr`` still drives the schedule: the callable's
-            optimizer gets ``lr_at(step)`` each step).
+            Optimizer``. The schedule multiplies each parameter group's own initial
+            learning rate by ``lr_at(step) / lr``, so groups a callable gives different
+            rates (Fixup's scalars at lr/10, say) keep their ratios.
         schedule: ``"constant"`` or ``"cosine"``; warmup_steps: linear warm-up.
         clip_grad_norm: clip the global gradient norm to this value (None: no clipping).
         seed: batches and the RNG of stochastic layers (dropout).
@@ -356,6 +357,8 @@ def train(
         x_test, y_test = x_test.to(device), y_test.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay, nesterov)
+    # Each group's rate relative to `lr`: the schedule scales them all alike.
+    lr_ratios = [group["lr"] / lr if lr else 1.0 for group in opt.param_groups]
     result = TrainResult(steps=steps, num_params=sum(p.numel() for p in params))
     result.config = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "momentum": momentum,
@@ -398,8 +401,8 @@ def train(
                     reason = _agree_on_divergence(reason, device)
                 lr_now = lr_at(step, steps, lr, schedule, warmup_steps)
                 if reason is None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_now
+                    for group, ratio in zip(opt.param_groups, lr_ratios, strict=True):
+                        group["lr"] = lr_now * ratio
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if clip_grad_norm is not None:
