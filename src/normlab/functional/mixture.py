@@ -131,6 +131,26 @@ def _batch_term(
     return mean, var, n * length
 
 
+def _batch_statistics(
+    xr: Tensor, mu_in: Tensor, var_in: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, moments_fn, name: str,
+    hint: str,
+) -> tuple[Tensor, Tensor]:
+    """The batch term's mean and variance ``(1, C, 1)``, as batch norm uses them: the
+    batch's (:func:`_batch_term`) in training or without running statistics, updating
+    the running statistics in training (unbiased variance, weight ``momentum``), and
+    the running statistics otherwise."""
+    c = xr.shape[1]
+    if training or running_mean is None or running_var is None:
+        mean, var, count = _batch_term(xr, mu_in, var_in, training, moments_fn, name, hint)
+        if training and running_mean is not None and running_var is not None:
+            update_running_(running_mean, mean.flatten(), momentum, name)
+            update_running_(running_var, stats.unbiased(var, count).flatten(), momentum, name)
+        return mean, var
+    return (running_mean.view(1, c, 1).to(mu_in.dtype),
+            running_var.view(1, c, 1).to(mu_in.dtype))
+
+
 def switchable_norm(
     x: Tensor,
     mean_logits: Tensor,
@@ -180,18 +200,10 @@ def switchable_norm(
     mu_ln, var_ln = pooled_moments(mu_in, var_in, 1)
     mu_bn = var_bn = None
     if using_bn:
-        if training or running_mean is None or running_var is None:
-            mu_bn, var_bn, count = _batch_term(
-                xr, mu_in, var_in, training, moments_fn, name,
-                "use using_bn=False for batch size 1",
-            )
-            if training and running_mean is not None and running_var is not None:
-                update_running_(running_mean, mu_bn.flatten(), momentum, name)
-                unbiased = stats.unbiased(var_bn, count)
-                update_running_(running_var, unbiased.flatten(), momentum, name)
-        else:
-            mu_bn = running_mean.view(1, c, 1).to(mu_in.dtype)
-            var_bn = running_var.view(1, c, 1).to(mu_in.dtype)
+        mu_bn, var_bn = _batch_statistics(
+            xr, mu_in, var_in, running_mean, running_var, training, momentum, moments_fn,
+            name, "use using_bn=False for batch size 1",
+        )
     w_mean, w_var = switchable_weights(
         mean_logits.to(mu_in.dtype), var_logits.to(mu_in.dtype), using_in, True, using_bn
     )
@@ -310,18 +322,10 @@ def attentive_norm(
     xr = _flat(x)
     mu_in, var_in = instance_moments_fast(xr)  # native fast path, see its docstring
     if norm == "batch":
-        if training or running_mean is None or running_var is None:
-            mean, var, count = _batch_term(
-                xr, mu_in, var_in, training, moments_fn, name,
-                "use norm='group' for batch size 1",
-            )
-            if training and running_mean is not None and running_var is not None:
-                update_running_(running_mean, mean.flatten(), momentum, name)
-                unbiased = stats.unbiased(var, count)
-                update_running_(running_var, unbiased.flatten(), momentum, name)
-        else:
-            mean = running_mean.view(1, c, 1).to(mu_in.dtype)
-            var = running_var.view(1, c, 1).to(mu_in.dtype)
+        mean, var = _batch_statistics(
+            xr, mu_in, var_in, running_mean, running_var, training, momentum, moments_fn,
+            name, "use norm='group' for batch size 1",
+        )
     elif norm == "group":
         if c % num_groups:
             raise ValueError(f"{name}: num_groups={num_groups} does not divide C={c}")
