@@ -133,18 +133,75 @@ def test_large_mean_channels_last_and_nchw_default_paths(layout):
     torch.testing.assert_close(rv.double(), x64.var((0, 2, 3)), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0, 30.0, 300.0, 1e4])
+@pytest.mark.parametrize("case", ["bn_cl", "bn_2d", "gn_cl", "ln_cl"])
+def test_float_sum_kernels_are_kept_or_redone_within_1e4(case, offset):
+    """torch's channels_last and (N, C) kernels sum in float32; the default path keeps
+    their result only where the statistics bound the error below 1e-4 and otherwise
+    normalizes the shifted input. Either way: within 1e-4 relative L2 of float64, at
+    |mean| / std from 0 to 1e4 and groups of up to 16k elements."""
+    shape = {"bn_cl": (16, 8, 32, 32), "bn_2d": (4096, 8), "gn_cl": (4, 16, 32, 32),
+             "ln_cl": (2, 8, 32, 32)}[case]
+    x = _input(shape, offset=offset, layout="nchw" if case == "bn_2d" else "cl")
+    call = {"bn_cl": lambda t: F.batch_norm(t, None, None, training=True),
+            "bn_2d": lambda t: F.batch_norm(t, None, None, training=True),
+            "gn_cl": lambda t: F.group_norm(t, 4), "ln_cl": lambda t: F.layer_norm(t)}[case]
+    y = call(x)
+    exact = call(x.double().contiguous())
+    assert float((y.double() - exact).norm() / exact.norm()) < 1e-4
+    if case != "bn_2d":
+        assert y.is_contiguous(memory_format=CL)
+
+
+def test_channels_last_batch_norm_shifts_only_when_the_bound_asks(monkeypatch):
+    from normlab.functional import core
+
+    shifts = []
+    original = core._first_value_per_channel
+    monkeypatch.setattr(core, "_first_value_per_channel",
+                        lambda t: shifts.append(1) or original(t))
+    bn = nl.BatchNorm(8)
+    bn(_input((8, 8, 16, 16), layout="cl", offset=2.0))  # R = 2: the kernel's sums are fine
+    assert shifts == []
+    bn(_input((8, 8, 16, 16), layout="cl", offset=1e3))
+    assert shifts == [1]
+    # The redo's running statistics are those of the batch (the first call's undone).
+    rm, rv = torch.zeros(8), torch.ones(8)
+    x = _input((8, 8, 16, 16), layout="cl", offset=1e3)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rv.double(), x.double().var((0, 2, 3)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 5), "nchw"), ((3, 4, 5, 5), "cl"),
+                                          ((6, 4), "nchw")])
+def test_overflowing_variance_spares_running_var(shape, layout):
+    """A finite batch whose variance overflows float32 (values near 3e19): the running
+    variance of that channel keeps its value, with a warning, on every native path."""
+    bn = nl.BatchNorm(4)
+    x = _input(shape, layout=layout)
+    x[:, 1] = x[:, 1] * 3e19
+    before = bn.running_var.clone()
+    with pytest.warns(RuntimeWarning, match=re.escape("BatchNorm(4)") + ".*channels \\[1\\]"):
+        bn(x)
+    assert torch.isfinite(bn.running_var).all() and torch.isfinite(bn.running_mean).all()
+    assert torch.equal(bn.running_var[1], before[1])
+    assert not torch.equal(bn.running_var[[0, 2, 3]], before[[0, 2, 3]])
+
+
 def test_channels_last_stays_channels_last():
     x = _input((4, 8, 5, 5), layout="cl")
     assert F.batch_norm(x, None, None, training=True).is_contiguous(memory_format=CL)
     assert F.group_norm(x, 4).is_contiguous(memory_format=CL)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_nan_batch_spares_running_stats_on_native_paths(layout):
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 5), "nchw"), ((3, 4, 5, 5), "cl"),
+                                          ((6, 4), "nchw")])
+def test_nan_batch_spares_running_stats_on_native_paths(shape, layout):
     bn = nl.BatchNorm(4)
-    x = _input((3, 4, 5, 5), layout=layout)
+    x = _input(shape, layout=layout)
     before = bn.running_mean.clone(), bn.running_var.clone()
-    x[1, 2, 3, 3] = float("nan")
+    x[(1, 2) + (3,) * (x.dim() - 2)] = float("nan")
     with pytest.warns(RuntimeWarning, match=re.escape("BatchNorm(4)") + ".*channels \\[2\\]"):
         y = bn(x)
     assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, [0, 1, 3]]).all()

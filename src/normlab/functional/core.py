@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as tnf
@@ -137,22 +138,39 @@ def update_running_(
 # x = 1e4 + N(0, 1) (relative L2 of the output, float32): normlab.stats 3e-4; torch's
 # batch norm on contiguous input with more than one trailing element 3e-4 to 5e-4 (two
 # passes, double accumulation); group norm and layer norm on contiguous input 1e-4 to
-# 1e-3 (vectorised Welford); but batch norm on channels_last or (N, C) input 2e-3 to
-# 5e-3 and group norm on channels_last input up to 2e2 (its mean error is 10 ulp, and
-# the latter is E[x^2] - E[x]^2): those never go native. Running statistics are never
-# left to torch (it would write a NaN batch into them): the native op writes the batch
-# statistics into scratch buffers (momentum 1) and update_running_ guards the update.
+# 1e-3 (vectorised Welford). Running statistics are never left to torch (it would
+# write a NaN batch into them): the native op writes the batch statistics into scratch
+# buffers (momentum 1) and update_running_pair_ guards the update.
 #
-# Where the native kernel's accumulation is weak (batch norm on channels_last or (N, C)
-# input, group norm on channels_last) it gets the input minus one of its own values per
-# normalization group, a constant: the normalization is shift-invariant, so output and
-# gradient are those of x, while the kernel now sums values within a few standard
-# deviations of zero, where float accumulation is accurate (1e4 + N(0, 1): 1e-7
-# relative instead of 5e-3). x - K is exact for x near K (Sterbenz). One elementwise
-# pass more than torch.nn, but correct.
+# Batch norm on channels_last or (N, C) input and group norm on channels_last input
+# sum in float32, and their error grows with |mean| / std of a normalization group, R,
+# and its size n. Measured against float64 (scripts/native_accuracy.py; x = R + N(0, 1),
+# shapes from (256, 64) to (64, 8, 64, 64)): batch norm's relative error is at most
+# 0.16 R sqrt(n) eps32 (2e-3 to 1.4 at R = 1e4), group norm's (E[x^2] - E[x]^2) at most
+# 0.15 R^2 sqrt(n) eps32 (2e2 at R = 1e4). So these paths call the kernel on x, read R
+# from the statistics it returns (one host sync, shared with the NaN guard), and keep the
+# result only if the bound above is below 1e-4; otherwise they redo it on x minus one of
+# its own values per group, a constant: the normalization is shift-invariant, so output
+# and gradient are those of x, while the kernel now sums values within a few standard
+# deviations of zero (x - K is exact for x near K, Sterbenz), 1e-7 relative at
+# R = 1e4. Typical activations (R below 5) never pay for the second call. A badly
+# computed variance only makes R look larger, never smaller beyond the bound, so the
+# test errs towards the redo. Under torch.compile and torch.func transforms (no host
+# sync) the shift is always applied.
 
 _PATHS = ("auto", "reference")
 _HALF = (torch.float16, torch.bfloat16)
+# (R sqrt(n))^2 and R^2 sqrt(n) above which the float32 sums of torch's channels_last
+# and (N, C) kernels may exceed 1e-4 relative error (see the note above).
+_BN_SHIFT_LIMIT = (6.4e-4 / torch.finfo(torch.float32).eps) ** 2
+_GN_SHIFT_LIMIT = 6.7e-4 / torch.finfo(torch.float32).eps
+# x dtype -> the dtypes its parameters and buffers may have on the native paths.
+_NATIVE_DTYPES = {
+    torch.float32: (torch.float32,),
+    torch.float64: (torch.float64,),
+    torch.bfloat16: (torch.bfloat16, torch.float32),
+    torch.float16: (torch.float16, torch.float32),
+}
 
 
 def _check_path(path: str, name: str) -> None:
@@ -162,15 +180,23 @@ def _check_path(path: str, name: str) -> None:
 
 def _native_ok(x: Tensor, *tensors: Tensor | None) -> bool:
     """True if a call on ``x`` with these parameters/buffers may use torch's native CPU
-    kernels: CPU, float64/float32/bfloat16/float16, and every other tensor of one dtype,
-    either ``x.dtype`` or (half input) float32."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) + _HALF:
+    kernels: CPU, float64/float32/bfloat16/float16, and every other tensor on the CPU
+    and of one dtype, either ``x.dtype`` or (half input) float32."""
+    allowed = _NATIVE_DTYPES.get(x.dtype)
+    if allowed is None or not x.is_cpu:
         return False
-    dtypes = {t.dtype for t in tensors if t is not None}
-    allowed = {x.dtype, torch.float32} if x.dtype in _HALF else {x.dtype}
-    return len(dtypes) <= 1 and dtypes <= allowed and all(
-        t is None or t.device == x.device for t in tensors
-    )
+    dtype = None
+    for t in tensors:  # (a plain loop: this runs on every call of every layer)
+        if t is not None:
+            if dtype is None:
+                dtype = t.dtype
+                if dtype not in allowed:
+                    return False
+            elif t.dtype != dtype:
+                return False
+            if not t.is_cpu:
+                return False
+    return True
 
 
 def _float32_params(x: Tensor, *tensors: Tensor | None) -> bool:
@@ -195,17 +221,140 @@ def _native_batch_norm_train(
     name: str,
     stats_shape: tuple[int, ...] | None = None,
 ) -> Tensor:
-    """torch's training-mode batch norm with the running statistics updated by
-    :func:`update_running_` from the exact batch mean and unbiased variance."""
+    """torch's training-mode batch norm on contiguous ``x`` with more than one trailing
+    element. torch updates the running statistics in its kernel (its formula, the
+    unbiased variance, as torch.nn); a copy taken before lets any entry that became NaN
+    or infinite be put back, with a RuntimeWarning, as :func:`update_running_` does.
+    With ``stats_shape`` (instance norm) the batch statistics go to scratch buffers and
+    their average over ``stats_shape[0]`` updates the running statistics."""
     if running_mean is None or running_var is None:
         return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, False)
+    if stats_shape is None:
+        host = _host_pair(running_mean, running_var)
+        before = (np.concatenate(host) if host is not None
+                  else torch.cat((running_mean, running_var)))
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
+                             False)
+        if not _running_finite(running_mean, running_var, host):
+            _restore_non_finite_(running_mean, running_var, torch.as_tensor(before), name)
+        return y
     # One scratch buffer for both (torch sets them to the batch values: momentum 1).
     batch = torch.zeros(2, x.shape[1], dtype=running_mean.dtype)
-    y = torch.batch_norm(x, weight, bias, batch[0], batch[1], True, 1.0, eps, False)
-    if stats_shape is not None:  # instance norm: average the per-instance statistics
-        batch = batch.view(2, *stats_shape).mean(1)
+    mean, var = batch.unbind(0)
+    y = torch.batch_norm(x, weight, bias, mean, var, True, 1.0, eps, False)
+    batch = batch.view(2, *stats_shape).mean(1)  # the average of the per-instance values
     update_running_pair_(running_mean, running_var, batch, momentum, name)
     return y
+
+
+def _can_sync(x: Tensor) -> bool:
+    """False where the statistics cannot be read on the host: under torch.compile, and
+    for tensors wrapped by torch.func transforms (vmap, grad)."""
+    return not (torch.compiler.is_compiling()
+                or torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _host_pair(running_mean: Tensor, running_var: Tensor) -> tuple | None:
+    """numpy views (no copy) of two float32/float64 CPU buffers, or None (other dtypes,
+    a buffer that requires grad, or under torch.compile). The per-call checks on C
+    values run in numpy: its operations on small arrays cost a fraction of torch's, and
+    they run on every training call of every layer."""
+    if (running_mean.dtype in (torch.float32, torch.float64)
+            and running_var.dtype == running_mean.dtype
+            and not (running_mean.requires_grad or running_var.requires_grad)
+            and not torch.compiler.is_compiling()):
+        return running_mean.numpy(), running_var.numpy()
+    return None
+
+
+def _running_finite(running_mean: Tensor, running_var: Tensor, host: tuple | None) -> bool:
+    """True if every entry of both running statistics is finite; always False under
+    torch.compile (the caller then takes its sync-free careful path). The dot product of
+    two vectors is finite only if both are (a NaN or inf entry makes it NaN or inf; an
+    overflow only costs the careful path)."""
+    if torch.compiler.is_compiling():
+        return False
+    if host is not None:
+        return math.isfinite(float(np.dot(*host)))
+    return math.isfinite(running_mean.dot(running_var).item())
+
+
+def _restore_non_finite_(
+    running_mean: Tensor, running_var: Tensor, before: Tensor, name: str
+) -> None:
+    """Put back the values of ``before`` (``cat((running_mean, running_var))`` taken
+    before an update) wherever the update made a running statistic NaN or infinite, and
+    warn naming the channels (no warning under torch.compile, which cannot sync)."""
+    with torch.no_grad():
+        old_mean, old_var = before.view(2, -1).unbind(0)
+        bad = None
+        for running, old in ((running_mean, old_mean), (running_var, old_var)):
+            finite = torch.isfinite(running)
+            running.copy_(torch.where(finite, running, old))
+            bad = ~finite if bad is None else bad | ~finite
+        if not torch.compiler.is_compiling() and bool(bad.any()):
+            channels = bad.nonzero().flatten().tolist()
+            shown = channels[:8] + (["..."] if len(channels) > 8 else [])
+            warnings.warn(
+                f"{name}: non-finite batch statistics (NaN or inf) in channels {shown}; "
+                "the running statistics of those channels were left unchanged",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _batch_norm_float_sums(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    name: str,
+) -> Tensor:
+    """Training-mode batch norm of channels_last or ``(N, C)`` input by torch's kernel,
+    whose sums are float32: kept when the statistics it returns bound its error below
+    1e-4, else redone on the input shifted per channel (see the note above)."""
+    update = training and running_mean is not None and running_var is not None
+    count = x.numel() // x.shape[1]
+    if _can_sync(x):
+        host = _host_pair(running_mean, running_var) if update else None
+        before = None
+        if update:
+            before = torch.as_tensor(np.concatenate(host)) if host is not None else torch.cat(
+                (running_mean, running_var))
+        y, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean if update else None,
+            running_var if update else None, True, momentum, eps)
+        # R = |mean| / sqrt(var + eps) per channel, in numpy (see _host_pair).
+        mean, invstd = mean.detach(), invstd.detach()
+        if mean.dtype in (torch.float32, torch.float64) and invstd.dtype == mean.dtype:
+            r = mean.numpy() * invstd.numpy()
+        else:
+            r = (mean.float() * invstd.float()).numpy()
+        worst = float(np.abs(r).max()) if r.size else 0.0
+        if worst * worst * count <= _BN_SHIFT_LIMIT or not math.isfinite(worst):
+            # (non-finite statistics: shifting cannot help those either)
+            if update and not _running_finite(running_mean, running_var, host):
+                _restore_non_finite_(running_mean, running_var, before, name)
+            return y
+        if update:
+            with torch.no_grad():
+                running_mean.copy_(before[:x.shape[1]])
+                running_var.copy_(before[x.shape[1]:])
+    shift = _first_value_per_channel(x)
+    # (half input: x - shift in float32, where it is exact, as normlab.stats would.)
+    xs = x - shift.to(stats.stat_dtype(x.dtype))
+    if not update:
+        return torch.batch_norm(xs, weight, bias, None, None, True, 0.0, eps, False).to(x.dtype)
+    batch = torch.zeros(2, x.shape[1], dtype=running_mean.dtype)
+    y = torch.batch_norm(xs, weight, bias, batch[0], batch[1], True, 1.0, eps, False)
+    # (not in place: autograd saved the scratch buffers)
+    batch = torch.stack((batch[0] + shift.flatten().to(batch.dtype), batch[1]))
+    update_running_pair_(running_mean, running_var, batch, momentum, name)
+    return y.to(x.dtype)
 
 
 def update_running_pair_(
@@ -216,8 +365,8 @@ def update_running_pair_(
     with torch.no_grad():
         if (not torch.compiler.is_compiling() and batch.dtype == running_mean.dtype
                 and running_mean.dtype == running_var.dtype
-                and math.isfinite(float(batch.sum()))):
-            torch._foreach_lerp_([running_mean, running_var], [batch[0], batch[1]], factor)
+                and math.isfinite(batch.sum().item())):
+            torch._foreach_lerp_((running_mean, running_var), batch.unbind(0), factor)
             return
     update_running_(running_mean, batch[0], factor, name)
     update_running_(running_var, batch[1], factor, name)
@@ -355,45 +504,35 @@ def batch_norm(
     ``path="auto"`` (default) uses torch's native CPU kernel where it is as robust as
     normlab's statistics: in eval (normalizing by running statistics); in training
     without ``mask``/``moments_fn`` on contiguous input with more than one trailing
-    element (two passes, double accumulation, checked on 1e4 + N(0, 1)) and, shifted
-    by one of its values per channel so that the kernel's float sums stay accurate,
-    on channels_last and ``(N, C)`` input. Masks, ``moments_fn`` and other devices take
-    the composite over :mod:`normlab.stats`, which ``path="reference"`` forces. Either
-    way a non-finite batch statistic never reaches the running statistics.
+    element (two passes, double accumulation, checked on 1e4 + N(0, 1)), and on
+    channels_last and ``(N, C)`` input, whose kernel sums in float32, when the batch
+    statistics bound its error below 1e-4 (otherwise the input is shifted by one of its
+    values per channel and normalized again, which keeps the sums accurate). Masks,
+    ``moments_fn`` and other devices take the composite over :mod:`normlab.stats`, which
+    ``path="reference"`` forces. Either way a non-finite batch statistic never reaches
+    the running statistics.
     """
-    _check_path(path, name)
     use_batch_stats = training or running_mean is None or running_var is None
-    plain = (path == "auto" and mask is None and moments_fn is None
-             and _native_ok(x, weight, bias, running_mean, running_var) and x.dim() >= 2)
-    if plain and not use_batch_stats:
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                False)
+    if (path == "auto" and mask is None and moments_fn is None and x.dim() >= 2
+            and _native_ok(x, weight, bias, running_mean, running_var)):
+        if not use_batch_stats:
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0,
+                                    eps, False)
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        if count > 1:
+            if x.dim() > 2 and count > x.shape[0] and x.is_contiguous():
+                return _native_batch_norm_train(
+                    x, running_mean if training else None,
+                    running_var if training else None, weight, bias, momentum, eps, name)
+            if _float32_params(x, weight, bias, running_mean, running_var):
+                return _batch_norm_float_sums(x, running_mean, running_var, weight, bias,
+                                              training, momentum, eps, name)
+    _check_path(path, name)
     shape = _channel_shape(x)
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
     if not use_batch_stats:
         return normalize(x, running_mean.view(shape), running_var.view(shape), eps, w, b)
-    if plain and x.dim() > 2 and _spatial_size(x) > 1 and x.is_contiguous():
-        return _native_batch_norm_train(
-            x, running_mean if training else None, running_var if training else None,
-            weight, bias, momentum, eps, name,
-        )
-    if plain and x.shape[0] * _spatial_size(x) > 1 and _float32_params(
-            x, weight, bias, running_mean, running_var):
-        # channels_last or (N, C): torch's kernel for these sums in float, so it gets x
-        # shifted by a constant per channel (see the note above _native_ok).
-        shift = _first_value_per_channel(x)
-        update = training and running_mean is not None and running_var is not None
-        batch = torch.zeros(2, x.shape[1], dtype=running_mean.dtype) if update else None
-        # (half input: x - shift in float32, where it is exact, as normlab.stats would.)
-        xs = x - shift.to(stats.stat_dtype(x.dtype))
-        y = torch.batch_norm(xs, weight, bias, None if batch is None else batch[0],
-                             None if batch is None else batch[1], True, 1.0, eps,
-                             False).to(x.dtype)
-        if update:  # (not in place: autograd saved the scratch buffers)
-            batch = torch.stack((batch[0] + shift.flatten().to(batch.dtype), batch[1]))
-            update_running_pair_(running_mean, running_var, batch, momentum, name)
-        return y
     mean, var, count = _batch_moments(x, mask, name, moments_fn)
     if training and running_mean is not None and running_var is not None:
         update_running_(running_mean, mean.flatten(), momentum, name)
@@ -517,10 +656,13 @@ def layer_norm(
     native CPU group norm, the same math, with the per-channel affine built in) when
     there is no ``mask``; ``path="reference"`` uses :mod:`normlab.stats`.
     """
-    _check_path(path, "layer_norm")
-    if path == "auto" and mask is None and x[0].numel() > 1 and _native_ok(x, weight, bias):
+    if (path == "auto" and mask is None and x.dim() >= 2 and _native_ok(x, weight, bias)
+            and x.numel() > x.shape[0]):
         # Layer norm over C x * with a per-channel affine is group norm with one group.
+        if x.is_contiguous():
+            return torch.group_norm(x, 1, weight, bias, eps, False)
         return group_norm(x, 1, weight, bias, eps)
+    _check_path(path, "layer_norm")
     shape = _channel_shape(x)
     mean, var, _ = stats.moments(x, tuple(range(1, x.dim())), mask=mask)
     w = None if weight is None else weight.view(shape)
@@ -609,19 +751,20 @@ def instance_norm(
     with double accumulation), with the running statistics updated by
     :func:`update_running_`; ``path="reference"`` uses :mod:`normlab.stats`.
     """
-    _check_path(path, name)
-    plain = path == "auto" and _native_ok(x, weight, bias, running_mean, running_var)
-    if plain and not use_input_stats:
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                False)
-    if plain and _spatial_size(x) > 1:
+    if path == "auto" and x.dim() >= 3 and _native_ok(x, weight, bias, running_mean,
+                                                      running_var):
+        if not use_input_stats:
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0,
+                                    eps, False)
         n, c = x.shape[:2]
-        xr = x.contiguous().view(1, n * c, *x.shape[2:])
-        w = None if weight is None else weight.repeat(n)
-        b = None if bias is None else bias.repeat(n)
-        y = _native_batch_norm_train(xr, running_mean, running_var, w, b, momentum, eps, name,
-                                     stats_shape=(n, c))
-        return y.view(x.shape)
+        if n * c and x.numel() > n * c:
+            xr = x.contiguous().view(1, n * c, *x.shape[2:])
+            w = None if weight is None else weight.repeat(n)
+            b = None if bias is None else bias.repeat(n)
+            y = _native_batch_norm_train(xr, running_mean, running_var, w, b, momentum, eps,
+                                         name, stats_shape=(n, c))
+            return y.view(x.shape)
+    _check_path(path, name)
     shape = _channel_shape(x)
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
@@ -637,6 +780,36 @@ def instance_norm(
         update_running_(running_mean, mean.mean(0).flatten(), momentum, name)
         update_running_(running_var, stats.unbiased(var, count).mean(0).flatten(), momentum, name)
     return normalize(x, mean, var, eps, w, b)
+
+
+def _group_norm_float_sums(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+    group_size: int,
+) -> Tensor:
+    """Group norm of channels_last ``x`` by torch's kernel, which computes
+    ``E[x^2] - E[x]^2`` in float32: kept when the statistics it returns bound its error
+    below 1e-4, else redone on ``x`` shifted by its first value in each (sample, group)
+    (see the note above _native_ok)."""
+    n, c = x.shape[:2]
+    if _can_sync(x):
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, _spatial_size(x),
+                                                num_groups, eps)
+        # R = |mean| / sqrt(var + eps) per (sample, group), in numpy (see
+        # _batch_norm_float_sums); NaN for non-finite statistics, which shifting cannot
+        # help: y is kept.
+        mean, rstd = mean.detach(), rstd.detach()
+        if mean.dtype in (torch.float32, torch.float64) and rstd.dtype == mean.dtype:
+            r = mean.numpy() * rstd.numpy()
+        else:
+            r = (mean.float() * rstd.float()).numpy()
+        worst = float(np.abs(r).max()) if r.size else 0.0
+        if not worst * worst * math.sqrt(group_size) > _GN_SHIFT_LIMIT:
+            return y
+    first = x.detach()[(slice(None), slice(None, None, c // num_groups))
+                       + (0,) * (x.dim() - 2)]
+    shift = first.repeat_interleave(c // num_groups, 1).to(stats.stat_dtype(x.dtype))
+    return torch.group_norm(x - shift.view((n, c) + (1,) * (x.dim() - 2)), num_groups,
+                            weight, bias, eps, False).to(x.dtype)
 
 
 def group_norm(
@@ -658,27 +831,23 @@ def group_norm(
     norm. ``C`` must be divisible by ``num_groups``.
 
     ``path="auto"`` (default) uses torch's native CPU group norm (vectorised Welford)
-    when there is no ``mask`` and groups have more than one element; channels_last
-    input is first shifted by its first value in each (sample, group), because torch's
-    channels_last kernel computes ``E[x^2] - E[x]^2`` in float32 (relative error up to
-    2e2 on 1e4 + N(0, 1) unshifted). ``path="reference"`` uses :mod:`normlab.stats`.
+    when there is no ``mask`` and groups have more than one element. Its channels_last
+    kernel computes ``E[x^2] - E[x]^2`` in float32 (relative error up to 2e2 on
+    1e4 + N(0, 1)): its result is kept only when the group statistics bound the error
+    below 1e-4, and otherwise recomputed on the input shifted by its first value in each
+    (sample, group). ``path="reference"`` uses :mod:`normlab.stats`.
     """
-    _check_path(path, "group_norm")
     # Groups of one element: (x - mean) must be exactly 0, which torch's x * a + b is not.
-    group_size = (x.shape[1] // num_groups) * _spatial_size(x)
-    if path == "auto" and mask is None and group_size > 1 and _native_ok(x, weight, bias):
-        if x.is_contiguous():
-            return tnf.group_norm(x, num_groups, weight, bias, eps)
-        if _channels_last_format(x) is not None and _float32_params(x, weight, bias):
-            # Shift each (sample, group) by its first value: torch's channels_last kernel
-            # computes E[x^2] - E[x]^2 in float (see the note above _native_ok).
-            n, c = x.shape[:2]
-            first = x.detach()[(slice(None), slice(None, None, c // num_groups))
-                               + (0,) * (x.dim() - 2)]
-            shift = first.repeat_interleave(c // num_groups, 1).to(stats.stat_dtype(x.dtype))
-            return tnf.group_norm(x - shift.view((n, c) + (1,) * (x.dim() - 2)), num_groups,
-                                  weight, bias, eps).to(x.dtype)
-        return tnf.group_norm(x.contiguous(), num_groups, weight, bias, eps)
+    if (path == "auto" and mask is None and x.dim() >= 2 and x.shape[1] % num_groups == 0
+            and _native_ok(x, weight, bias)):
+        group_size = (x.shape[1] // num_groups) * _spatial_size(x)
+        if group_size > 1:
+            if x.is_contiguous():
+                return torch.group_norm(x, num_groups, weight, bias, eps, False)
+            if _channels_last_format(x) is not None and _float32_params(x, weight, bias):
+                return _group_norm_float_sums(x, num_groups, weight, bias, eps, group_size)
+            return torch.group_norm(x.contiguous(), num_groups, weight, bias, eps, False)
+    _check_path(path, "group_norm")
     n, c = x.shape[:2]
     spatial = x.shape[2:]
     grouped_shape = (n, num_groups, c // num_groups) + tuple(spatial)

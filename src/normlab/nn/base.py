@@ -103,7 +103,10 @@ class NormBase(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check_input(self, x: Tensor, min_dim: int = 2) -> None:
-        F.check_input(x, self.num_channels, self.layer_name, min_dim)
+        # The common case in a few cheap tests; the message is built only on failure.
+        if (not isinstance(x, Tensor) or x.dim() < min_dim or x.shape[1] != self.num_channels
+                or not x.is_floating_point()):
+            F.check_input(x, self.num_channels, self.layer_name, min_dim)
 
     def _momentum_factor(self) -> float:
         """The weight of this training batch's statistics in the running average, the

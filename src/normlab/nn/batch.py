@@ -63,9 +63,13 @@ class BatchNorm(NormBase):
             one tensor instead of two. Default: False.
 
     The default path uses torch's native kernel where it is as robust as
-    :mod:`normlab.stats` (see :func:`normlab.functional.batch_norm`): in eval, and in
-    training for contiguous input of rank >= 3; channels_last and ``(N, C)`` input and
-    masks use the composite over :mod:`normlab.stats`.
+    :mod:`normlab.stats` (see :func:`normlab.functional.batch_norm`): in eval, in
+    training for contiguous input of rank >= 3, and for channels_last and ``(N, C)``
+    input when the batch statistics bound the error of the kernel's float32 sums below
+    1e-4 (otherwise the input is shifted by one of its values per channel and
+    normalized again); masks use the composite over :mod:`normlab.stats`. A batch
+    statistic that is NaN or infinite never reaches the running statistics (that
+    channel keeps its value, with a RuntimeWarning).
 
     Shape:
         - Input: :math:`(N, C, *)`, at least 2 dimensions.

@@ -214,10 +214,12 @@ class GroupNorm(NormBase):
         eps: Default: 1e-5.
         affine: per-channel :math:`\gamma` (1) and :math:`\beta` (0). Default: True.
 
-    Computed by torch's native CPU group norm (robust on contiguous input; channels_last
-    input is first shifted by one of its values per sample and group, because torch's
-    channels_last kernel computes ``E[x^2] - E[x]^2`` in float32); with a mask, or
-    groups of one element, by the composite over :mod:`normlab.stats`.
+    Computed by torch's native CPU group norm (robust on contiguous input; on
+    channels_last input, whose kernel computes ``E[x^2] - E[x]^2`` in float32, the
+    result is kept only when the group statistics bound its error below 1e-4, and
+    otherwise recomputed on the input shifted by one of its values per sample and
+    group); with a mask, or groups of one element, by the composite over
+    :mod:`normlab.stats`.
 
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape.
