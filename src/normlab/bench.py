@@ -673,20 +673,26 @@ def measure_targets(repeats=15, warmup=2, clock="cpu", records=(), progress=None
         add(f"fused BatchNorm train fwd+bwd vs torch.nn.BatchNorm2d, {layout} {shape}",
             t_torch / t_fused, threshold, f"torch {t_torch:.3f} ms, fused {t_fused:.3f} ms")
     say("fused targets done")
-    # 3. Online Norm vs its per-sample loop at batch 128, and vs BatchNorm.
-    for shape in ((128, 64, 16, 16), (128, 256)):
-        t_loop, t_on = _pair(lambda c, s: _OnlineLoop(c), lambda c, s: nl.OnlineNorm(c), shape,
-                             "train", "fwd+bwd", max(5, repeats // 3), 1, clock)
-        add(f"OnlineNorm vs per-sample loop, train fwd+bwd {shape}", t_loop / t_on, 10.0,
-            f"loop {t_loop:.3f} ms, normlab {t_on:.3f} ms")
+    # 3. Online Norm vs its per-sample loop at batch 128, and vs BatchNorm; the default
+    # path and the fused kernel (OnlineNorm(C, fused=True)).
+    online = [("", lambda c, s: nl.OnlineNorm(c))]
+    if fused_ok:
+        online.append((" fused", lambda c, s: nl.OnlineNorm(c, fused=True)))
+    for label, make_on in online:
+        for shape in ((128, 64, 16, 16), (128, 256)):
+            t_loop, t_on = _pair(lambda c, s: _OnlineLoop(c), make_on, shape, "train",
+                                 "fwd+bwd", max(5, repeats // 3), 1, clock)
+            add(f"OnlineNorm{label} vs per-sample loop, train fwd+bwd {shape}",
+                t_loop / t_on, 10.0, f"loop {t_loop:.3f} ms, normlab {t_on:.3f} ms")
     shape = (32, 64, 16, 16)
-    for peer, make_peer in (("torch.nn.BatchNorm2d", _torch_bn),
-                            ("normlab BatchNorm", lambda c, s: nl.BatchNorm(c))):
-        t_bn, t_on = _pair(make_peer, lambda c, s: nl.OnlineNorm(c), shape, "train",
-                           "fwd+bwd", repeats, warmup, clock)
-        add(f"OnlineNorm within 3x of BatchNorm ({peer}), train fwd+bwd {shape}",
-            3.0 * t_bn / t_on, 1.0, f"BN {t_bn:.3f} ms, OnlineNorm {t_on:.3f} ms "
-            f"(measured = 3 x BN / ON)")
+    for label, make_on in online:
+        for peer, make_peer in (("torch.nn.BatchNorm2d", _torch_bn),
+                                ("normlab BatchNorm", lambda c, s: nl.BatchNorm(c))):
+            t_bn, t_on = _pair(make_peer, make_on, shape, "train", "fwd+bwd", repeats, warmup,
+                               clock)
+            add(f"OnlineNorm{label} within 3x of BatchNorm ({peer}), train fwd+bwd {shape}",
+                3.0 * t_bn / t_on, 1.0, f"BN {t_bn:.3f} ms, OnlineNorm{label} {t_on:.3f} ms "
+                f"(measured = 3 x BN / ON)")
     say("online targets done")
     # 4. Switchable and Attentive Norm within 2x of BatchNorm.
     for layer, make in (("SwitchableNorm", lambda c, s: nl.SwitchableNorm(c)),

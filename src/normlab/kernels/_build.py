@@ -1,13 +1,14 @@
 """Compile normlab's C++ kernels at first use and load them with ctypes.
 
-The kernels are plain C++ with a C ABI (``csrc/norm_kernels.cpp``): no torch headers,
-so a build takes seconds, not the minutes of a ``torch.utils.cpp_extension`` build
-(measured on the 2-core development machine: 5 s of CPU against 25 s, and 18 s
-against 105 s of wall time while loaded). The shared library is cached under
-``$NORMLAB_KERNEL_DIR`` or ``~/.cache/normlab/kernels``, in a folder named by a hash
-of the source, the compiler, its flags and the machine, so a changed source or
-another CPU builds afresh and concurrent first uses do not clash (the library is
-written to a temporary name and renamed into place).
+The kernels are plain C++ with a C ABI (``csrc/norm_kernels.cpp``: batch norm;
+``csrc/online_kernels.cpp``: Online Norm; compiled together into one library): no
+torch headers, so a build takes seconds, not the minutes of a
+``torch.utils.cpp_extension`` build (measured on the 2-core development machine: 5 s
+of CPU against 25 s, and 18 s against 105 s of wall time while loaded). The shared
+library is cached under ``$NORMLAB_KERNEL_DIR`` or ``~/.cache/normlab/kernels``, in a
+folder named by a hash of the sources, the compiler, its flags and the machine, so a
+changed source or another CPU builds afresh and concurrent first uses do not clash
+(the library is written to a temporary name and renamed into place).
 
 Needs a C++ compiler with OpenMP (``$CXX``, else ``c++`` or ``g++``).
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 
 __all__ = ["load_library", "available", "KernelBuildError", "cache_dir"]
 
-SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.cpp"
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("norm_kernels.cpp", "online_kernels.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 _ABI_VERSION = 1
 
@@ -71,19 +73,20 @@ def _build(target: Path, cxx: str, native: bool) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     flags = _FLAGS + (["-march=native"] if native else [])
-    cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, *map(str, SOURCES), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
         raise KernelBuildError(
-            f"normlab.kernels: compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+            f"normlab.kernels: compiling {', '.join(s.name for s in SOURCES)} failed "
+            f"({' '.join(cmd)}):\n"
             f"{proc.stderr[-4000:]}"
         )
     os.replace(tmp, target)
 
 
 def _load() -> ctypes.CDLL:
-    source = SOURCE.read_bytes()
+    source = b"\0".join(s.read_bytes() for s in SOURCES)
     cxx = _compiler()
     last: Exception | None = None
     for native in (True, False):
@@ -125,6 +128,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.normlab_bn_bwd.argtypes = [p, p, p, i32, i32, i64, i64, i64, p, p, p, p, i32, f32, i32,
                                    p, p, i32]
     lib.normlab_bn_bwd.restype = i32
+    lib.normlab_online_fwd.argtypes = [p, p, i32, i64, i64, i64, p, p, f64, f64, i32, f64, p, p,
+                                       p, p, i32]
+    lib.normlab_online_fwd.restype = i32
+    lib.normlab_online_bwd.argtypes = [p, p, p, i32, i64, i64, i64, p, p, f64, i32, p, p, p, p,
+                                       p, p, i32]
+    lib.normlab_online_bwd.restype = i32
     return lib
 
 

@@ -79,6 +79,12 @@ class OnlineNorm(NormBase):
             Default: "ls".
         ls_eps: :math:`\epsilon_{ls}` of layer scaling. Default: 1e-5.
         clamp_value: bound of activation clamping. Default: 5.
+        fused: in training, run the whole step (online norm, affine, layer scaling or
+            no ECM; forward and the paper's backward) in the fused C++ kernels of
+            :mod:`normlab.kernels` (compiled at first use; CPU float32/bfloat16
+            contiguous input, float32 parameters). Eval, ``ecm="ac"`` and any other
+            input take the default path. Results equal the default path's within
+            float32 rounding; no double backward. Default: False.
 
     Shape:
         - Input: :math:`(N, C, *)` of any rank >= 2; output of the same shape.
@@ -95,6 +101,7 @@ class OnlineNorm(NormBase):
         ecm: str | None = "ls",
         ls_eps: float = 1e-5,
         clamp_value: float = 5.0,
+        fused: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -114,6 +121,7 @@ class OnlineNorm(NormBase):
         self.ecm = None if ecm is None else ecm.lower()
         self.ls_eps = float(ls_eps)
         self.clamp_value = float(clamp_value)
+        self.fused = bool(fused)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("u", torch.zeros(num_channels, **factory))
         self.register_buffer("v", torch.zeros(num_channels, **factory))
@@ -128,6 +136,15 @@ class OnlineNorm(NormBase):
         self._check_input(x)
         if self.training:
             self.num_batches_tracked.add_(1)
+        if self.fused and self.training and self.ecm != "ac":
+            from normlab.kernels import online as kernel  # compiled lazily, only when asked
+
+            if kernel.supports(x, self.weight, self.bias):
+                return kernel.online_norm(
+                    x, self.running_mean, self.running_var, self.u, self.v, self.weight,
+                    self.bias, self.alpha_fwd, self.alpha_bkw, self.eps,
+                    layer_scaling=self.ecm == "ls", ls_eps=self.ls_eps, name=self.layer_name,
+                )
         y = FO.online_norm(
             x, self.running_mean, self.running_var, self.u, self.v,
             self.alpha_fwd, self.alpha_bkw, self.eps, training=self.training,
@@ -149,5 +166,6 @@ class OnlineNorm(NormBase):
         return (
             f"{self.num_channels}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
             f"eps={self.eps}, affine={self.affine}, ecm={self.ecm!r}"
+            + (", fused=True" if self.fused else "")
         )
 
