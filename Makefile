@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest
 
-# torch.compile / torch.export / ONNX tests of every layer and the fused C++ kernels
-# (normlab.kernels, compiled at first use) (marked slow, a few minutes)
+# torch.compile / torch.export / ONNX tests of every layer (marked slow, a few minutes;
+# the fused C++ kernels' tests run in `make test`)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 

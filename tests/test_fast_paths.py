@@ -5,8 +5,8 @@
   composite over normlab.stats (``path="reference"``) and float64.
 * The memory-saving batch norm (eager), layer scaling, instance moments and the
   constant-coefficient scan: gradcheck in float64 and equality with the composites.
-* The fused C++ kernels (``normlab.kernels``): marked ``slow`` because the first use
-  compiles them (seconds to half a minute); ``make test-slow`` runs them.
+* The fused C++ kernels (``normlab.kernels``): marked ``kernels`` (the first use
+  compiles them, about 10 s; skipped only where no C++ compiler exists).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def _fused_vs_default(shape, layout, dtype, activation, affine, save_memory, off
     return results
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape,layout", FUSED_CASES)
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
 @pytest.mark.parametrize("affine", [True, False])
@@ -360,7 +360,7 @@ def test_fused_equals_default_float32(shape, layout, activation, affine):
     torch.testing.assert_close(rvf, rvd, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape,layout", FUSED_CASES[:3])
 @pytest.mark.parametrize("activation", [None, "leaky_relu"])
 def test_fused_save_memory_equals_default(shape, layout, activation):
@@ -372,7 +372,7 @@ def test_fused_save_memory_equals_default(shape, layout, activation):
     torch.testing.assert_close(rmf, rmd, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape,layout", FUSED_CASES[:3])
 def test_fused_bfloat16_equals_float32_math(shape, layout):
     """bfloat16: the fused kernel computes in float32; only the final rounding differs."""
@@ -383,7 +383,7 @@ def test_fused_bfloat16_equals_float32_math(shape, layout):
     _close(gf[0], gd[0], 2**-6)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_fused_large_mean_is_exact_to_float32(layout):
     x = _input((16, 4, 8, 8), offset=1e4, layout=layout)
@@ -393,7 +393,7 @@ def test_fused_large_mean_is_exact_to_float32(layout):
     assert float((y.detach().double() - exact).norm() / exact.norm()) < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_nan_spares_running_stats_and_double_backward_is_refused():
     m = nl.BatchNorm(3, fused=True)
     x = torch.randn(4, 3, 5, 5)
@@ -408,7 +408,7 @@ def test_fused_nan_spares_running_stats_and_double_backward_is_refused():
         gx.sum().backward()
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_falls_back_where_the_kernel_does_not_apply():
     """float64 input and eval mode take the default path (identical results)."""
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)

@@ -1,8 +1,9 @@
 """The fused Online Norm kernel (``OnlineNorm(C, fused=True)``, normlab.kernels.online)
 against the default path and against the float64 per-sample loop of test_online.py
 (written from the paper's Algorithms 1 and 2), over several steps: outputs, dx, dweight,
-dbias and the four buffers. Tests that run the kernel are marked ``slow`` (the first use
-compiles it); the fallbacks that never reach it are not."""
+dbias and the four buffers. Tests that run the kernel are marked ``kernels`` (the first
+use compiles it; skipped only where no C++ compiler exists); the fallbacks that never
+reach it are not."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _state(layer):
 SHAPES = [(16, 6), (8, 5, 33), (8, 6, 5, 7), (1, 4, 3, 3), (1, 7), (3, 3, 70, 70)]
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("ecm", ["ls", None])
@@ -76,7 +77,7 @@ def test_fused_equals_default_over_steps(shape, affine, ecm):
     assert int(fused.num_batches_tracked) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape", [(6, 3, 4, 5), (9, 4)])
 def test_fused_matches_float64_per_sample_reference(shape):
     c = shape[1]
@@ -98,7 +99,7 @@ def test_fused_matches_float64_per_sample_reference(shape):
                                        atol=1e-6, msg=name)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_large_mean_is_exact_to_float32():
     """1e4 + N(0, 1): the per-row shift keeps the normalization exact to float32
     rounding (x * a + b with a cancelling b would lose about 1e4 ulps)."""
@@ -119,7 +120,7 @@ def test_fused_large_mean_is_exact_to_float32():
     torch.testing.assert_close(fused.running_var.double(), ref.var, rtol=1e-5, atol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_bfloat16_computes_in_float32():
     shape = (6, 4, 5, 5)
     x = torch.randn(shape).bfloat16()
@@ -133,7 +134,7 @@ def test_fused_bfloat16_computes_in_float32():
     _close(gf[1], gd[1], 1e-4, "dweight")  # parameter grads are float32 sums
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_threads_give_identical_results():
     """The parallel path (C x L large enough) splits channels only: bitwise equal."""
     shape = (3, 64, 24, 24)
@@ -153,7 +154,7 @@ def test_fused_threads_give_identical_results():
         assert torch.equal(a, b)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_nan_batch_leaves_state_guarded():
     base, fused = _pair(3, alpha_fwd=0.9)
     x = torch.randn(4, 3, 5)
@@ -186,7 +187,7 @@ def test_fused_nan_batch_leaves_state_guarded():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.kernels
 def test_fused_double_backward_is_refused():
     _, fused = _pair(3)
     x = torch.randn(4, 3, 5, requires_grad=True)
