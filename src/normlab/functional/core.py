@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as tnf
@@ -233,13 +232,11 @@ def _native_batch_norm_train(
     if running_mean is None or running_var is None:
         return torch.batch_norm(x, weight, bias, None, None, True, 0.0, eps, False)
     if stats_shape is None and _can_sync(x):
-        host = _host_pair(running_mean, running_var)
-        before = (np.concatenate(host) if host is not None
-                  else torch.cat((running_mean, running_var)))
+        before = torch.cat((running_mean, running_var))
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps,
                              False)
-        if not _running_finite(running_mean, running_var, host):
-            _restore_non_finite_(running_mean, running_var, torch.as_tensor(before), name)
+        if not _running_finite(running_mean, running_var):
+            _restore_non_finite_(running_mean, running_var, before, name)
         return y
     # Instance norm, torch.compile and torch.func: one scratch buffer for both statistics
     # (torch sets them to the batch values: momentum 1), then the guarded update. (Under
@@ -261,28 +258,19 @@ def _can_sync(x: Tensor) -> bool:
                 or torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def _host_pair(running_mean: Tensor, running_var: Tensor) -> tuple | None:
-    """numpy views (no copy) of two float32/float64 CPU buffers, or None (other dtypes,
-    a buffer that requires grad, or under torch.compile). The per-call checks on C
-    values run in numpy: its operations on small arrays cost a fraction of torch's, and
-    they run on every training call of every layer."""
-    if (running_mean.dtype in (torch.float32, torch.float64)
-            and running_var.dtype == running_mean.dtype
-            and not (running_mean.requires_grad or running_var.requires_grad)
-            and not torch.compiler.is_compiling()):
-        return running_mean.numpy(), running_var.numpy()
-    return None
+def _largest_abs_product(a: Tensor, b: Tensor) -> float:
+    """``max |a * b|`` as a Python float (NaN if any product is NaN), in two small ops
+    and a sync."""
+    return torch.linalg.vector_norm(a.detach() * b.detach(), float("inf")).item()
 
 
-def _running_finite(running_mean: Tensor, running_var: Tensor, host: tuple | None) -> bool:
-    """True if every entry of both running statistics is finite; always False under
-    torch.compile (the caller then takes its sync-free careful path). The dot product of
-    two vectors is finite only if both are (a NaN or inf entry makes it NaN or inf; an
-    overflow only costs the careful path)."""
+def _running_finite(running_mean: Tensor, running_var: Tensor) -> bool:
+    """True if every entry of both running statistics is finite, in one small op and a
+    sync: the dot product of two vectors is finite only if both are (a NaN or inf entry
+    makes it NaN or inf; an overflow only costs the caller's careful path). Always False
+    where no sync is possible (the caller then takes its sync-free path)."""
     if torch.compiler.is_compiling():
         return False
-    if host is not None:
-        return math.isfinite(float(np.dot(*host)))
     return math.isfinite(running_mean.dot(running_var).item())
 
 
@@ -327,24 +315,16 @@ def _batch_norm_float_sums(
     update = training and running_mean is not None and running_var is not None
     count = x.numel() // x.shape[1]
     if _can_sync(x):
-        host = _host_pair(running_mean, running_var) if update else None
-        before = None
-        if update:
-            before = torch.as_tensor(np.concatenate(host)) if host is not None else torch.cat(
-                (running_mean, running_var))
+        before = torch.cat((running_mean, running_var)) if update else None
         y, mean, invstd = torch.native_batch_norm(
             x, weight, bias, running_mean if update else None,
             running_var if update else None, True, momentum, eps)
-        # R = |mean| / sqrt(var + eps) per channel, in numpy (see _host_pair).
-        mean, invstd = mean.detach(), invstd.detach()
-        if mean.dtype in (torch.float32, torch.float64) and invstd.dtype == mean.dtype:
-            r = mean.numpy() * invstd.numpy()
-        else:
-            r = (mean.float() * invstd.float()).numpy()
-        worst = float(np.abs(r).max()) if r.size else 0.0
+        # The largest R = |mean| / sqrt(var + eps), in as few small ops as possible: each
+        # costs microseconds, more when caches are cold, on every training call.
+        worst = _largest_abs_product(mean, invstd)
         if (worst + 4.0) * math.sqrt(count) <= _BN_SHIFT_LIMIT or not math.isfinite(worst):
             # (non-finite statistics: shifting cannot help those either)
-            if update and not _running_finite(running_mean, running_var, host):
+            if update and not _running_finite(running_mean, running_var):
                 _restore_non_finite_(running_mean, running_var, before, name)
             return y
         if update:
@@ -801,15 +781,9 @@ def _group_norm_float_sums(
     if _can_sync(x):
         y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, _spatial_size(x),
                                                 num_groups, eps)
-        # R = |mean| / sqrt(var + eps) per (sample, group), in numpy (see
-        # _batch_norm_float_sums); NaN for non-finite statistics, which shifting cannot
-        # help: y is kept.
-        mean, rstd = mean.detach(), rstd.detach()
-        if mean.dtype in (torch.float32, torch.float64) and rstd.dtype == mean.dtype:
-            r = mean.numpy() * rstd.numpy()
-        else:
-            r = (mean.float() * rstd.float()).numpy()
-        worst = float(np.abs(r).max()) if r.size else 0.0
+        # The largest R = |mean| / sqrt(var + eps) over (sample, group); NaN for
+        # non-finite statistics, which shifting cannot help: y is kept.
+        worst = _largest_abs_product(mean, rstd)
         if not (worst * worst + 1.0) * math.sqrt(group_size) > _GN_SHIFT_LIMIT:
             return y
     first = x.detach()[(slice(None), slice(None, None, c // num_groups))
