@@ -36,7 +36,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -644,14 +644,27 @@ def measure_targets(repeats=15, warmup=2, clock="cpu", records=(), progress=None
         out.append({"target": target, "measured": round(measured, 3), "threshold": threshold,
                     "met": bool(measured >= threshold), "detail": detail})
 
-    # 1. Default paths never slower than torch.nn: the worst ratio over the records.
+    # 1. Default paths never slower than torch.nn: the worst ratio over the records, and
+    # that cell measured again with three times the repeats and a second instance of
+    # torch's layer ("torch-again", the same code): its ratio is the noise of one cell.
     for layer in ("BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm"):
         mine = [r for r in records if r["layer"] == layer and r["impl"] == "normlab"
                 and r["ratio_to_torch"] is not None]
         if mine:
             worst = min(mine, key=lambda r: r["ratio_to_torch"])
-            cells = (f"{len(mine)} cells; worst {worst['shape']} {worst['dtype']} "
-                     f"{worst['layout']} {worst['mode']} {worst['pass']}")
+            below = sum(r["ratio_to_torch"] < 0.95 for r in mine)
+            cells = (f"{len(mine)} cells, {below} below 0.95, median "
+                     f"{statistics.median(r['ratio_to_torch'] for r in mine):.2f}; worst "
+                     f"{worst['shape']} {worst['dtype']} {worst['layout']} {worst['mode']} "
+                     f"{worst['pass']}")
+            spec = LAYERS[layer]
+            again = replace(spec, impls={**spec.impls, "torch-again": spec.impls["torch"]})
+            recheck = _cell(again, tuple(worst["shape"]), worst["dtype"], worst["layout"],
+                            worst["mode"], worst["pass"], 3 * repeats, warmup, clock, {}, 0)
+            ratio = {r["impl"]: r["ratio_to_torch"] for r in recheck}
+            if ratio.get("normlab") is not None and ratio.get("torch-again") is not None:
+                cells += (f"; re-measured with {3 * repeats} repeats: normlab "
+                          f"{ratio['normlab']:.2f}, torch-again {ratio['torch-again']:.2f}")
             add(f"{layer} default path vs torch.nn, worst cell", worst["ratio_to_torch"], 0.95,
                 cells)
     # 2. Fused BatchNorm training fwd+bwd vs torch.nn.BatchNorm2d at (32, 64, 32, 32).
