@@ -1,6 +1,6 @@
 """normlab.bench and `normlab bench`: the records it writes, the peers it measures in
-the same cell, the bytes-saved counter, and the command line. Tiny shapes only, and
-no layer that needs the fused kernels (their compile belongs to `make test-slow`)."""
+the same cell, the bytes-saved counter, and the command line. Tiny shapes only; the
+layers with a fused implementation are run only by the test marked ``kernels``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ KEYS = {"layer", "impl", "shape", "dtype", "layout", "mode", "pass", "median_ms"
 
 @pytest.fixture(scope="module")
 def small_run():
-    return bench.run(layers=["GroupNorm", "OnlineNorm", "InstanceNorm"],
+    return bench.run(layers=["ChannelLayerNorm", "OnlineNorm", "InstanceNorm"],
                      shapes=[(4, 32, 3, 3)], dtypes=["float32"], repeats=2, warmup=1,
                      targets=False)
 
@@ -27,10 +27,10 @@ def test_records_cover_the_grid_with_peers_and_copy(small_run):
     recs = small_run.records
     assert all(set(r) >= KEYS for r in recs)
     cells = {(r["layer"], r["layout"], r["mode"], r["pass"]) for r in recs}
-    # GroupNorm/InstanceNorm: train only (eval is the same math); OnlineNorm: both.
+    # ChannelLayerNorm/InstanceNorm: train only (eval is the same math); OnlineNorm: both.
     assert len(cells) == 2 * 2 * 1 * 2 + 2 * 2 * 2
-    for layer, peers in (("GroupNorm", {"normlab", "normlab-reference", "torch", "composite",
-                                        "copy"}),
+    for layer, peers in (("ChannelLayerNorm", {"normlab", "normlab-reference", "torch",
+                                               "composite", "copy"}),
                          ("OnlineNorm", {"normlab", "loop", "copy"})):
         impls = {r["impl"] for r in recs if r["layer"] == layer}
         assert impls == peers
@@ -62,6 +62,31 @@ def test_saved_bytes_only_for_backward_cells(small_run):
             assert r["peak_saved_bytes"] is None
 
 
+def test_fused_implementations_are_declared():
+    """GroupNorm's and LayerNorm's implementations: the fused one needs the kernels and
+    is not train-only (group norm has no running statistics: eval is the same math)."""
+    impls = {name: set(spec.impls) for name, spec in bench.LAYERS.items()}
+    assert impls["GroupNorm"] == {"normlab", "normlab-fused", "normlab-reference", "torch",
+                                  "composite"}
+    assert impls["LayerNorm"] == impls["GroupNorm"]
+    for name in ("GroupNorm", "LayerNorm"):
+        assert bench.LAYERS[name].needs_kernels == ("normlab-fused",)
+        assert bench.LAYERS[name].train_only_impls == ()
+
+
+@pytest.mark.kernels
+def test_fused_group_and_layer_norm_are_measured_against_torch():
+    res = bench.run(layers=["GroupNorm", "LayerNorm"], shapes=[(2, 32, 3, 3)],
+                    dtypes=["float32"], modes=["train"], passes=["fwd+bwd"], repeats=1,
+                    warmup=1, targets=False)
+    assert res.meta["kernels"]["available"]
+    fused = [r for r in res.records if r["impl"] == "normlab-fused"]
+    assert {(r["layer"], r["layout"]) for r in fused} == {
+        (layer, layout) for layer in ("GroupNorm", "LayerNorm")
+        for layout in ("nchw", "channels_last")}
+    assert all(r["error"] is None and r["ratio_to_torch"] > 0 for r in fused), fused
+
+
 def test_saved_bytes_counts_distinct_storages():
     x = torch.randn(10, 20, requires_grad=True)
     w = torch.randn(20, requires_grad=True)
@@ -80,7 +105,7 @@ def test_json_is_a_list_of_records_and_markdown_has_the_table(small_run, tmp_pat
     data = json.loads(path.read_text())
     assert isinstance(data, list) and len(data) == len(small_run.records)
     md = small_run.to_markdown()
-    assert "| layer | shape |" in md and "GroupNorm" in md and "intra-op thread" in md
+    assert "| layer | shape |" in md and "ChannelLayerNorm" in md and "intra-op thread" in md
 
 
 def test_unknown_layer_and_bad_shape_are_named():

@@ -314,10 +314,12 @@ LAYERS: dict[str, LayerSpec] = {
         }),
         LayerSpec("LayerNorm", {
             "normlab": lambda c, s: nl.LayerNorm(c),
+            "normlab-fused": lambda c, s: nl.LayerNorm(c, fused=True),
             "normlab-reference": lambda c, s: _Functional("layer", c),
             "torch": lambda c, s: tnn.LayerNorm(s[1:], eps=EPS),
             "composite": lambda c, s: _Composite("layer", c),
-        }, has_eval=False, note="torch: nn.LayerNorm(x.shape[1:]) (elementwise affine)"),
+        }, has_eval=False, needs_kernels=("normlab-fused",),
+            note="torch: nn.LayerNorm(x.shape[1:]) (elementwise affine)"),
         LayerSpec("ChannelLayerNorm", {
             "normlab": lambda c, s: nl.ChannelLayerNorm(c),
             "normlab-reference": lambda c, s: _Functional("channel_layer", c),
@@ -337,10 +339,11 @@ LAYERS: dict[str, LayerSpec] = {
         }, has_eval=False),
         LayerSpec("GroupNorm", {
             "normlab": lambda c, s: nl.GroupNorm(c, 32),
+            "normlab-fused": lambda c, s: nl.GroupNorm(c, 32, fused=True),
             "normlab-reference": lambda c, s: _Functional("group", c),
             "torch": lambda c, s: tnn.GroupNorm(32, c, eps=EPS),
             "composite": lambda c, s: _Composite("group", c),
-        }, has_eval=False),
+        }, has_eval=False, needs_kernels=("normlab-fused",)),
         LayerSpec("SwitchableNorm", {
             "normlab": lambda c, s: nl.SwitchableNorm(c),
             "composite": lambda c, s: _Composite("switchable", c),

@@ -3,7 +3,9 @@
 :func:`batch_norm` is batch normalization (+ an optional activation) with a fused
 C++ kernel for the CPU, forward and backward, reachable from the layers as
 ``normlab.nn.BatchNorm(C, fused=True)`` (and ``save_memory=True`` for the mode that
-keeps only the output for backward). The kernels are plain C++ compiled at first use
+keeps only the output for backward). :mod:`normlab.kernels.group` does the same for group
+norm and layer norm (``normlab.nn.GroupNorm(C, G, fused=True)``,
+``normlab.nn.LayerNorm(C, fused=True)``). The kernels are plain C++ compiled at first use
 with the system's C++ compiler (a few seconds) and cached; :func:`available` says
 whether that works here. Without a compiler everything still runs, on the default
 paths.

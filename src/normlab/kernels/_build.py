@@ -1,7 +1,8 @@
 """Compile normlab's C++ kernels at first use and load them with ctypes.
 
 The kernels are plain C++ with a C ABI (``csrc/norm_kernels.cpp``: batch norm;
-``csrc/online_kernels.cpp``: Online Norm; compiled together into one library): no
+``csrc/online_kernels.cpp``: Online Norm; ``csrc/group_kernels.cpp``: group and layer
+norm; compiled together into one library): no
 torch headers, so a build takes seconds, not the minutes of a
 ``torch.utils.cpp_extension`` build (measured on the 2-core development machine: 5 s
 of CPU against 25 s, and 18 s against 105 s of wall time while loaded). The shared
@@ -28,7 +29,7 @@ from pathlib import Path
 __all__ = ["load_library", "available", "KernelBuildError", "cache_dir"]
 
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("norm_kernels.cpp", "online_kernels.cpp")]
+           for name in ("norm_kernels.cpp", "online_kernels.cpp", "group_kernels.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 _ABI_VERSION = 1
 
@@ -134,6 +135,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.normlab_online_bwd.argtypes = [p, p, p, i32, i64, i64, i64, p, p, f64, i32, p, p, p, p,
                                        p, p, i32]
     lib.normlab_online_bwd.restype = i32
+    lib.normlab_gn_fwd.argtypes = [p, p, i32, i32, i64, i64, i64, i64, p, p, f64, p, p, i32]
+    lib.normlab_gn_fwd.restype = i32
+    lib.normlab_gn_bwd.argtypes = [p, p, p, i32, i32, i64, i64, i64, i64, p, p, p, p, p, i32]
+    lib.normlab_gn_bwd.restype = i32
     return lib
 
 

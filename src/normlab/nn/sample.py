@@ -38,11 +38,18 @@ class LayerNorm(NormBase):
         affine: per-channel :math:`\gamma` (init 1) and :math:`\beta` (init 0).
             Default: True.
         bias: learn :math:`\beta` when affine. Default: True.
+        fused: run forward and backward in the fused C++ group norm kernels of
+            :mod:`normlab.kernels` with one group (compiled at first use, about 10 s;
+            see :class:`GroupNorm`). About as fast as the default path, which is torch's
+            group norm with one group (faster only on large channels_last input).
+            Default: False.
 
     Computed by torch's native CPU group norm with one group (the same math, as
     robust as :mod:`normlab.stats`; see :class:`GroupNorm` for channels_last) when there
     is no mask; with a mask, by the composite over :mod:`normlab.stats` (see
-    :func:`normlab.functional.layer_norm`, ``path``).
+    :func:`normlab.functional.layer_norm`, ``path``). With ``fused=True``, by the
+    kernels of :mod:`normlab.kernels.group` where they apply (as for
+    :class:`GroupNorm`), otherwise as without it.
 
     Shape:
         - Input: :math:`(N, C, *)`; output of the same shape. An optional bool
@@ -50,12 +57,22 @@ class LayerNorm(NormBase):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 bias: bool = True, device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None, fused: bool = False) -> None:
         super().__init__(num_channels, eps, None, affine, False, bias, device, dtype)
+        self.fused = bool(fused)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
+        if self.fused and mask is None:
+            from normlab.kernels import group as kernel  # compiled lazily, only when asked
+
+            if kernel.supports(x, 1, self.weight, self.bias):
+                return kernel.group_norm(x, 1, self.weight, self.bias, self.eps,
+                                         name=self.layer_name)
         return F.layer_norm(x, self.weight, self.bias, self.eps, mask=mask)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused=True" if self.fused else "")
 
 
 class ChannelLayerNorm(NormBase):
@@ -213,6 +230,19 @@ class GroupNorm(NormBase):
             :func:`choose_num_groups` picks one for any C.
         eps: Default: 1e-5.
         affine: per-channel :math:`\gamma` (1) and :math:`\beta` (0). Default: True.
+        fused: run forward and backward in the fused C++ kernels of
+            :mod:`normlab.kernels` (compiled at first use, about 10 s) for CPU float32 or
+            bfloat16 input that is contiguous or channels_last(_3d), with float32
+            parameters: one pass over the input for the statistics (in cache for the
+            output), one for the backward's sums; shifted sums accumulated in double,
+            as robust as :mod:`normlab.stats`. Training and eval alike (the same math).
+            A mask, other dtypes, devices or layouts, and groups of one element take the
+            default path. Results equal the default path's within float32 rounding; the
+            output keeps the input's memory layout; no double backward. It pays on
+            channels_last input (training step about 3x faster than torch's at
+            (32, 64, 32, 32) float32, 12x in bfloat16); on contiguous input it is about
+            as fast as the default path (see :mod:`normlab.kernels.group`).
+            Default: False.
 
     Computed by torch's native CPU group norm (robust on contiguous input; on
     channels_last input, whose kernel computes ``E[x^2] - E[x]^2`` in float32, the
@@ -226,7 +256,7 @@ class GroupNorm(NormBase):
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None) -> None:
+                 affine: bool = True, device=None, dtype=None, fused: bool = False) -> None:
         name = f"GroupNorm({num_channels})"
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
@@ -240,11 +270,18 @@ class GroupNorm(NormBase):
             )
         super().__init__(num_channels, eps, None, affine, False, device=device, dtype=dtype)
         self.num_groups = num_groups
+        self.fused = bool(fused)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
+        if self.fused and mask is None:
+            from normlab.kernels import group as kernel  # compiled lazily, only when asked
+
+            if kernel.supports(x, self.num_groups, self.weight, self.bias):
+                return kernel.group_norm(x, self.num_groups, self.weight, self.bias,
+                                         self.eps, name=self.layer_name)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
-                f"affine={self.affine}")
+                f"affine={self.affine}" + (", fused=True" if self.fused else ""))
