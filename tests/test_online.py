@@ -450,3 +450,163 @@ def test_swap_norm_builds_online_layers():
     assert torch.all(on.running_var == 1)  # BN's running stats are not ON's state
     net(torch.randn(1, 3, 9, 9)).sum().backward()
     assert on.u.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# The default training step as one function (functional.online_norm_step): online norm,
+# affine and layer scaling, forward and the paper's backward, against the loop above.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (6, 3, 7), (5, 3, 4, 5), (1, 3, 4, 4), (1, 5)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("ecm", ["ls", None])
+def test_step_function_matches_per_sample_reference(shape, affine, ecm):
+    c = shape[1]
+    alpha_fwd, alpha_bkw = 0.8, 0.7
+    layer = _layer(c, ecm, affine=affine, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw)
+    ref = RefOnlineNorm(c, alpha_fwd, alpha_bkw, 1e-5, ecm, layer.weight, layer.bias)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (1 + step) + 3.0 * step
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
+        out, dx = _step(layer, x, g)
+        ref_out = ref.forward(x)
+        ref_grads = ref.backward(g)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dx, ref_grads["x"], rtol=1e-9, atol=1e-11)
+        if affine:
+            torch.testing.assert_close(layer.weight.grad, ref_grads["weight"], rtol=1e-9,
+                                       atol=1e-11)
+            torch.testing.assert_close(layer.bias.grad, ref_grads["bias"], rtol=1e-9,
+                                       atol=1e-11)
+        _assert_state(layer, ref, rtol=1e-9, atol=1e-11)
+    assert layer.u.abs().max() > 1e-4 and layer.v.abs().max() > 1e-4
+
+
+def test_step_function_direct_call_and_parameter_grads_only():
+    """The functional form equals the layer; with an input that needs no gradient, the
+    parameter gradients are still right and u, v are left alone (no dx, no controllers:
+    as the separate online_norm function does)."""
+    from normlab.functional.online import online_norm_step
+
+    c, shape = 3, (6, 3, 5)
+    layer = _layer(c, "ls", alpha_fwd=0.8, alpha_bkw=0.7)
+    ref = RefOnlineNorm(c, 0.8, 0.7, 1e-5, "ls", layer.weight, layer.bias)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    g = torch.randn(shape, dtype=torch.float64)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    buffers = [t.clone() for t in (layer.running_mean, layer.running_var, layer.u, layer.v)]
+    out = online_norm_step(x, *buffers, w, b, 0.8, 0.7, 1e-5, layer_scaling=True)
+    out.backward(g)
+    ref_out = ref.forward(x)
+    ref_grads = ref.backward(g)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_grads["weight"], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(b.grad, ref_grads["bias"], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(buffers[0], ref.mu, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(buffers[2]) == 0 and torch.count_nonzero(buffers[3]) == 0
+
+
+def test_step_function_large_mean_is_exact_to_float32():
+    """1e4 + N(0, 1) in float32: x - (row mean) is exact, so the default path keeps
+    float32 accuracy (x * a + b with a cancelling b would lose about 1e4 ulps)."""
+    shape = (8, 3, 6, 6)
+    gen = torch.Generator().manual_seed(3)
+    x = (1e4 + torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    g = torch.randn(shape, generator=gen)
+    layer = _layer(3, "ls", dtype=torch.float32, alpha_fwd=0.5, alpha_bkw=0.8)
+    with torch.no_grad():  # start the statistics at the data, so the output is O(1)
+        layer.running_mean.fill_(1e4)
+    ref = RefOnlineNorm(3, 0.5, 0.8, 1e-5, "ls", layer.weight, layer.bias)
+    ref.mu.fill_(1e4)
+    out, dx = _step(layer, x, g)
+    ref_out = ref.forward(x)
+    ref_dx = ref.backward(g)["x"]
+    assert float((out.double() - ref_out).abs().max()) <= 2e-6 * float(ref_out.abs().max())
+    assert float((dx.double() - ref_dx).abs().max()) <= 2e-5 * float(ref_dx.abs().max())
+    torch.testing.assert_close(layer.running_mean.double(), ref.mu, rtol=1e-7, atol=0)
+    torch.testing.assert_close(layer.running_var.double(), ref.var, rtol=1e-5, atol=0)
+
+
+def test_step_function_layouts_and_inplace_output():
+    """channels_last input gives the contiguous input's results; the output may be
+    modified in place (ReLU(inplace=True)) without touching what backward reads."""
+    base = _layer(4, "ls", dtype=torch.float32, alpha_fwd=0.9, alpha_bkw=0.8)
+    x = torch.randn(5, 4, 3, 6) * 2 + 1
+    g = torch.randn(5, 4, 3, 6)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    out_a, dx_a = _step(a, x, g)
+    out_b, dx_b = _step(b, x.contiguous(memory_format=torch.channels_last), g)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_b, dx_a, rtol=1e-5, atol=1e-6)
+    c = copy.deepcopy(base)
+    xr = x.clone().requires_grad_(True)
+    y = torch.relu_(c(xr))
+    y.backward(g)
+    mask = (out_a > 0).float()
+    ref = copy.deepcopy(base)
+    xr2 = x.clone().requires_grad_(True)
+    ref(xr2).backward(g * mask)
+    torch.testing.assert_close(xr.grad, xr2.grad, rtol=0, atol=0)
+
+
+def test_step_function_nan_stays_in_its_entry_without_ecm():
+    """A NaN entry makes that output and the later samples of its channel NaN (they
+    are normalized by statistics that include it), and nothing else: the rest of its
+    own row is normalized by the earlier statistics, as in the per-sample loop."""
+    layer = OnlineNorm(3, ecm=None, affine=False, dtype=torch.float64)
+    ref = RefOnlineNorm(3, 0.999, 0.99, 1e-5, None)
+    x = torch.randn(4, 3, 5, dtype=torch.float64) + 2
+    x[1, 0, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"OnlineNorm\(3\)"):
+        y = layer(x)
+    expected = ref.forward(x)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(y), nan) and nan.sum() == 1 + 2 * 5
+    torch.testing.assert_close(y[~nan], expected[~nan], rtol=1e-10, atol=1e-12)
+
+
+def _scan_loop(a, b, z0):
+    z, out = z0.clone(), []
+    for t in range(b.shape[0]):
+        z = a[t] * z + b[t]
+        out.append(z)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", ["uniform", "near_zero", "tiny", "long", "ones",
+                                  "fallback"])
+def test_product_scan_equals_hillis_steele_scan(case):
+    """Coefficient tensors in (0, 1] take the chunked cumprod/cumsum scan; it equals the
+    Hillis-Steele scan and the plain loop, also for coefficients near 0 (many chunks or
+    the Hillis-Steele fallback) and long N; coefficients <= 0 fall back."""
+    from normlab.functional.online import _hillis_steele_scan, _product_scan
+
+    gen = torch.Generator().manual_seed(5)
+    n = 5000 if case == "long" else 200
+    a = torch.rand(n, 3, generator=gen, dtype=torch.float64)
+    if case == "uniform":
+        a = 0.5 + 0.5 * a
+    elif case == "near_zero":  # down to ~1e-5: chunks of ~25 steps, 8 of them
+        a = 1e-12 + 1e-3 * a
+        a[::7] = 1.0
+    elif case == "tiny":  # down to ~1e-9: too many chunks, Hillis-Steele
+        a = 1e-30 + 1e-6 * a
+    elif case == "long":
+        a = 0.6 + 0.4 * a  # prod over 5000 steps ~ e^-1000: 9 chunks
+    elif case == "ones":
+        a = torch.ones(n, 3, dtype=torch.float64)
+    else:
+        a = a - 0.2  # some coefficients <= 0
+    b = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    z0 = torch.randn(3, dtype=torch.float64)
+    scan = F.linear_scan(a, b, z0)
+    hs = _hillis_steele_scan(a.t(), b.t(), z0.unsqueeze(1)).t()
+    torch.testing.assert_close(scan, hs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scan, _scan_loop(a, b, z0), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(scan).all()
+    took = _product_scan(a.t(), b.t().contiguous(), z0.unsqueeze(1), torch.empty(3, n,
+                                                                             dtype=a.dtype))
+    assert took == (case in ("uniform", "near_zero", "long", "ones"))

@@ -25,7 +25,13 @@ from normlab.functional.mixture import (
     switchable_norm,
     switchable_weights,
 )
-from normlab.functional.online import activation_clamp, layer_scaling, linear_scan, online_norm
+from normlab.functional.online import (
+    activation_clamp,
+    layer_scaling,
+    linear_scan,
+    online_norm,
+    online_norm_step,
+)
 
 __all__ = [
     "batch_norm",
@@ -44,6 +50,7 @@ __all__ = [
     "attentive_norm",
     "attention_weights",
     "online_norm",
+    "online_norm_step",
     "linear_scan",
     "layer_scaling",
     "activation_clamp",

@@ -56,7 +56,11 @@ class OnlineNorm(NormBase):
     (identity at initialisation), then the error-compensation mechanism (ECM):
     ``"ls"`` layer scaling :math:`z_n / \sqrt{\overline{z_n^2} + \epsilon_{ls}}` over
     all of ``C x *`` of each sample, ``"ac"`` activation clamping
-    :math:`\mathrm{clamp}(z, -5, 5)`, or None. These use ordinary autograd.
+    :math:`\mathrm{clamp}(z, -5, 5)`, or None. In training with ``"ls"`` or None the
+    whole step (normalization, affine, ECM) is one autograd function with a
+    closed-form backward (:func:`normlab.functional.online.online_norm_step`: a few
+    full-size passes, the rest on per-(sample, channel) numbers in float64); with
+    ``"ac"`` and in eval the affine and the ECM use ordinary autograd.
 
     **Eval**: the same buffers normalize every sample, and are not updated:
     :math:`y = (x - \mu)/\sqrt{\sigma^2 + \epsilon}` (what training gives a batch of
@@ -101,9 +105,9 @@ class OnlineNorm(NormBase):
         ecm: str | None = "ls",
         ls_eps: float = 1e-5,
         clamp_value: float = 5.0,
-        fused: bool = False,
         device=None,
         dtype=None,
+        fused: bool = False,
     ) -> None:
         name = f"OnlineNorm({num_channels})"
         for label, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
@@ -145,6 +149,13 @@ class OnlineNorm(NormBase):
                     self.bias, self.alpha_fwd, self.alpha_bkw, self.eps,
                     layer_scaling=self.ecm == "ls", ls_eps=self.ls_eps, name=self.layer_name,
                 )
+        if self.training and self.ecm != "ac":
+            # The whole step (online norm, affine, layer scaling) as one function.
+            return FO.online_norm_step(
+                x, self.running_mean, self.running_var, self.u, self.v, self.weight,
+                self.bias, self.alpha_fwd, self.alpha_bkw, self.eps,
+                layer_scaling=self.ecm == "ls", ls_eps=self.ls_eps, name=self.layer_name,
+            )
         y = FO.online_norm(
             x, self.running_mean, self.running_var, self.u, self.v,
             self.alpha_fwd, self.alpha_bkw, self.eps, training=self.training,
