@@ -49,8 +49,9 @@ def selu(x: Tensor, alpha: float = ALPHA01, scale: float = LAMBDA01) -> Tensor:
     r"""Scaled exponential linear unit,
     :math:`\mathrm{selu}(x) = \lambda x` for :math:`x > 0` and
     :math:`\lambda\alpha(e^x - 1)` otherwise. With the defaults it equals
-    ``torch.nn.functional.selu``."""
-    return scale * torch.nn.functional.elu(x, alpha=alpha)
+    ``torch.nn.functional.selu``. (One pass: aten's elu takes the output scale, as
+    torch's own selu does.)"""
+    return torch.ops.aten.elu(x, alpha, scale, 1.0)
 
 
 def alpha_dropout_affine(
