@@ -260,8 +260,9 @@ def _can_sync(x: Tensor) -> bool:
 
 def _largest_abs_product(a: Tensor, b: Tensor) -> float:
     """``max |a * b|`` as a Python float (NaN if any product is NaN), in two small ops
-    and a sync."""
-    return torch.linalg.vector_norm(a.detach() * b.detach(), float("inf")).item()
+    and a sync (under no_grad rather than detaching: two dispatches fewer)."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(a * b, float("inf")).item()
 
 
 def _running_finite(running_mean: Tensor, running_var: Tensor) -> bool:
