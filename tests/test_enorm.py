@@ -385,3 +385,46 @@ def test_nested_sequential_names_the_layer():
     )
     with pytest.raises(ValueError, match=r"'1\.0' \(Sigmoid\)"):
         ENorm(model)
+
+
+# ---------------------------------------------------------------- balance_last_hidden
+
+
+def test_balance_last_hidden_false_leaves_the_classifier_input_as_it_is():
+    """The official code's variant: the hidden layer feeding the classifier keeps its
+    weights and the classifier its columns; the others still converge to the c relation,
+    the function is preserved and the objective never increases."""
+    torch.manual_seed(3)
+    model = conv_net()
+    with torch.no_grad():
+        for w in weights(model):
+            w.mul_(torch.rand(w.shape[0], *[1] * (w.dim() - 1), dtype=D) * 4 + 0.2)
+    x = torch.randn(4, 3, 8, 8, dtype=D)
+    y0 = model(x).detach()
+    ws = weights(model)
+    last_hidden, classifier = ws[-2].detach().clone(), ws[-1].detach().clone()
+    e = ENorm(model, c=1.2, balance_last_hidden=False)
+    assert e.num_balanced == len(ws) - 2
+    objs = [e.objective()]
+    for _ in range(300):
+        e.step()
+        objs.append(e.objective())
+    assert all(b <= a * (1 + 1e-13) for a, b in zip(objs, objs[1:], strict=False))
+    torch.testing.assert_close(model(x), y0, rtol=1e-10, atol=1e-10)
+    assert torch.equal(ws[-1].detach(), classifier)
+    # The last hidden layer's rows are untouched; only its columns (fed by the layer
+    # before) were rescaled: every row is a positive multiple of its old row per column.
+    ratio = ws[-2].detach() / last_hidden
+    assert torch.allclose(ratio, ratio[:1].expand_as(ratio), rtol=1e-12)
+    norms = norms_ref(model)
+    for inc, out in norms[:-1]:
+        torch.testing.assert_close(out, 1.2 * inc, rtol=1e-8, atol=0)
+    inc, out = norms[-1]
+    assert not torch.allclose(out, 1.2 * inc, rtol=1e-3)
+
+
+def test_balance_last_hidden_false_needs_two_hidden_layers():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="leaves nothing to balance"):
+        ENorm(model, balance_last_hidden=False)
+    ENorm(model)  # the default balances the one hidden layer

@@ -28,11 +28,14 @@ def _steps(ctx: RunContext, batch: int) -> int:
     return max(10, int(round(epochs * ctx.dataset().num_train / batch)))
 
 
-def _run(ctx: RunContext, enorm: bool, batch: int, seed: int) -> dict:
+def _run(ctx: RunContext, enorm: bool, batch: int, seed: int,
+         balance_last_hidden: bool = True) -> dict:
     steps = _steps(ctx, batch)
     lr = lr_for(batch)
     key = (f"mlp d{DEPTH} w{WIDTH} enorm={enorm} c={C} data={ctx.data} batch={batch} lr={lr} "
            f"wd={WEIGHT_DECAY} mom={MOMENTUM} cosine steps={steps} seed={seed}")
+    if enorm and not balance_last_hidden:
+        key += " official-layers"
 
     def work() -> dict:
         import torch
@@ -50,7 +53,8 @@ def _run(ctx: RunContext, enorm: bool, batch: int, seed: int) -> dict:
             opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
             if enorm:
                 # The chain in forward order: Flatten, [Linear, Identity, ReLU] x depth, head.
-                holder["enorm"] = ENorm([*model.features, model.head], c=C, optimizer=opt)
+                holder["enorm"] = ENorm([*model.features, model.head], c=C, optimizer=opt,
+                                        balance_last_hidden=balance_last_hidden)
             return opt
 
         callbacks = [lambda step, net, info: holder["enorm"].step()] if enorm else []
@@ -69,8 +73,9 @@ def measure(ctx: RunContext) -> dict:
            "epochs": EPOCHS * ctx.budget.step_scale, "batches": {}}
     for batch in (SMALL, NORMAL):
         row = {"lr": lr_for(batch), "steps": _steps(ctx, batch)}
-        for name, flag in (("plain", False), ("enorm", True)):
-            runs = [_run(ctx, flag, batch, seed) for seed in seeds]
+        for name, flag, last in (("plain", False, True), ("enorm", True, False),
+                                 ("enorm_all_layers", True, True)):
+            runs = [_run(ctx, flag, batch, seed, last) for seed in seeds]
             row[name] = {"final_test_acc": [acc_or_chance(r, num_classes) for r in runs],
                          "diverged": [bool(r["diverged"]) for r in runs],
                          "evals": [{"step": r["evals"]["step"], "test_acc": r["evals"]["test_acc"]}
@@ -94,6 +99,10 @@ def judge(m: dict) -> tuple[str, str]:
                 f"noise {100 * row['noise']:.1f})")
 
     desc = f"{part(small, SMALL)}; {part(normal, NORMAL)}"
+    if "enorm_all_layers" in small:  # the variant that also balances the classifier's input
+        desc += (f" (ENorm balancing every hidden layer, the classifier's input included: "
+                 f"{pct(small['enorm_all_layers']['mean_acc'])} at batch {SMALL}, "
+                 f"{pct(normal['enorm_all_layers']['mean_acc'])} at batch {NORMAL})")
     if small["diff"] < -small["noise"] or normal["diff"] < -normal["noise"]:
         return "not reproduced", f"ENorm is worse than the plain net beyond seed noise; {desc}."
     if small["diff"] > small["noise"]:
@@ -110,17 +119,21 @@ def plot(m: dict, out_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     batches = [str(SMALL), str(NORMAL)]
-    for j, (name, color) in enumerate((("plain", "tab:gray"), ("enorm", "tab:green"))):
-        xs = [i + (j - 0.5) * 0.35 for i in range(len(batches))]
+    variants = [("plain", "tab:gray", "plain MLP"),
+                ("enorm", "tab:green", f"MLP + ENorm (c={m['c']}, official code's layers)"),
+                ("enorm_all_layers", "tab:olive", "MLP + ENorm, every hidden layer")]
+    variants = [v for v in variants if v[0] in m["batches"][str(SMALL)]]
+    width = 0.8 / len(variants)
+    for j, (name, color, label) in enumerate(variants):
+        xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(batches))]
         means = [m["batches"][b][name]["mean_acc"] for b in batches]
-        ax.bar(xs, means, width=0.35, color=color,
-               label="plain MLP" if name == "plain" else f"MLP + ENorm (c={m['c']})")
+        ax.bar(xs, means, width=width, color=color, label=label)
         for x, b in zip(xs, batches, strict=True):
             accs = m["batches"][b][name]["final_test_acc"]
             ax.scatter([x] * len(accs), accs, color="black", s=12, zorder=3)
     ax.set_xticks(range(len(batches)))
     ax.set_xticklabels([f"batch {b}\n(lr {m['batches'][b]['lr']:.3g})" for b in batches])
-    lo = min(min(m["batches"][b][n]["final_test_acc"]) for b in batches for n in ("plain", "enorm"))
+    lo = min(min(m["batches"][b][n]["final_test_acc"]) for b in batches for n, _, _ in variants)
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.set_ylabel("final test accuracy (bars: mean; dots: seeds)")
     ax.set_title(f"ENorm on a {m['depth']}-layer ReLU MLP (width {m['width']}) on {m['data']}, "
@@ -151,10 +164,14 @@ CLAIM = Claim(
           f"{BASE_LR:g} at batch {NORMAL} and {lr_for(SMALL):.3g} at batch {SMALL} (square-root "
           f"scaling), {EPOCHS} epochs at the default budget (x0.25 quick) at both batch sizes; "
           f"with and without one ENorm cycle (c={C}, the paper's value for fully connected "
-          "nets) after every optimizer step, over the whole chain: normlab's ENorm also "
-          "balances the hidden layer that feeds the classifier, which the official code "
-          "leaves alone; the same initial weights and batches for both (paired seeds); "
-          "seeds: the budget's.",
+          "nets) after every optimizer step. Judged: ENorm over the layers the official "
+          "code balances (every hidden layer but the one feeding the classifier, "
+          "balance_last_hidden=False). Also reported: ENorm over every hidden layer "
+          "(normlab's default), the setup of this claim's first runs, which gave 'not "
+          "reproduced' (86.4% against 92.3% at batch 128 on digits); the judged variant was "
+          "added after that run, to measure the paper's own configuration, with the "
+          "criterion unchanged. The same initial weights and batches for all (paired "
+          "seeds); seeds: the budget's.",
     criterion="diff(b) = mean over seeds of acc(ENorm) - acc(plain) (final test accuracy) at "
               f"batch b; noise(b) = max(1 point, the larger seed range of the two at b). Not "
               f"reproduced if diff < -noise at batch {SMALL} or at batch {NORMAL} (ENorm worse "
@@ -164,6 +181,6 @@ CLAIM = Claim(
     judge=judge,
     requires=("normlab.nn.ENorm",),
     plot=plot,
-    takeaway="ENorm as normlab implements it (every hidden layer balanced, the classifier's "
-             "input included) did not beat a plain MLP here; measure it on your net first.",
+    takeaway="Whether ENorm helps depends on which layers it balances: compare the official "
+             "code's layers with every hidden layer on your net before relying on it.",
 )

@@ -35,8 +35,8 @@ Differences from the official code (facebookresearch/enorm), on purpose:
 
 * biases are rescaled with their unit (``b_k[i] *= s_i``), so the function is
   preserved exactly (the official code leaves biases alone and changes the function);
-* every hidden layer is balanced, including the one feeding the classifier (the
-  official loop skips it);
+* every hidden layer is balanced by default, including the one feeding the
+  classifier; the official loop skips it (``balance_last_hidden=False`` does the same);
 * the sweep is sequential (each block reads the norms left by the previous block);
   the official sweep is Jacobi-like. Both reach the same fixed point.
 * momentum buffers are rescaled for fully connected and conv layers alike.
@@ -184,6 +184,12 @@ class ENorm:
             ``sqrt(||W_k[i, :]||^2 + b_k[i]^2)`` and the objective adds
             ``c^{-2k} ||b_k||^2`` (biases penalized like weights); default False
             (biases are rescaled to preserve the function but not counted).
+        balance_last_hidden: balance the hidden layer that feeds the last weight layer
+            (the classifier). Default True, as in the paper's algorithm; False leaves
+            it as it is, as the official code does (its loop stops one layer short).
+            Every cycle still preserves the function and does not increase the
+            objective; the fixed-point relation then holds for the other hidden
+            layers.
 
     Only the 2-norm (``p = 2``, the weight-decay objective) is implemented.
     """
@@ -194,6 +200,7 @@ class ENorm:
         c: float = 1.0,
         optimizer: torch.optim.Optimizer | None = None,
         bias_in_norm: bool = False,
+        balance_last_hidden: bool = True,
     ) -> None:
         fn = "ENorm"
         if isinstance(c, bool) or not isinstance(c, (int, float)):
@@ -210,6 +217,14 @@ class ENorm:
         self.bias_in_norm = bool(bias_in_norm)
         chain = _flatten_chain(model, fn)
         self.layers, self.names, self.junctions = self._parse(chain, fn)
+        self.balance_last_hidden = bool(balance_last_hidden)
+        #: how many hidden layers :meth:`step` balances, from the first.
+        self.num_balanced = len(self.junctions) - (0 if self.balance_last_hidden else 1)
+        if self.num_balanced < 1:
+            raise ValueError(
+                f"{fn}: balance_last_hidden=False leaves nothing to balance: the chain has "
+                f"{len(self.junctions)} hidden layer(s) ({', '.join(self.names)})"
+            )
 
     # ------------------------------------------------------------------ parsing
     @staticmethod
@@ -375,8 +390,9 @@ class ENorm:
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self) -> None:
-        """One balancing cycle over the hidden layers, in order (see the class doc)."""
-        for k in range(len(self.junctions)):
+        """One balancing cycle over the hidden layers, in order (see the class doc;
+        the last hidden layer only with ``balance_last_hidden``)."""
+        for k in range(self.num_balanced):
             r2 = self._incoming_sq(k)
             o2 = self._outgoing_sq(k)
             ok = (r2 > 0) & (o2 > 0) & torch.isfinite(r2) & torch.isfinite(o2)
