@@ -138,7 +138,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("final test accuracy (bars: mean; dots: seeds)")
     ax.set_title(f"ENorm on a {m['depth']}-layer ReLU MLP (width {m['width']}) on {m['data']}, "
                  f"{m['epochs']:g} epochs", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     name = "enorm_small_batch_accuracy.png"
