@@ -30,6 +30,8 @@ __all__ = ["load_library", "available", "KernelBuildError", "cache_dir"]
 
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("norm_kernels.cpp", "online_kernels.cpp", "group_kernels.cpp")]
+# Included by the sources; part of the cache key, so a changed header rebuilds.
+HEADERS = [Path(__file__).with_name("csrc") / "common.h"]
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 _ABI_VERSION = 1
 
@@ -87,7 +89,7 @@ def _build(target: Path, cxx: str, native: bool) -> None:
 
 
 def _load() -> ctypes.CDLL:
-    source = b"\0".join(s.read_bytes() for s in SOURCES)
+    source = b"\0".join(s.read_bytes() for s in SOURCES + HEADERS)
     cxx = _compiler()
     last: Exception | None = None
     for native in (True, False):

@@ -9,8 +9,6 @@ the backward takes the two per-channel sums it needs and writes dx, dw, db.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -18,30 +16,14 @@ from normlab import stats
 from normlab.functional.core import batch_norm as _default_batch_norm
 from normlab.functional.core import update_running_pair_
 from normlab.kernels._build import load_library
+from normlab.kernels._tensors import DTYPES as _DTYPES
+from normlab.kernels._tensors import layout as _layout
+from normlab.kernels._tensors import ptr as _ptr
 
 __all__ = ["batch_norm", "supports", "ACTIVATIONS"]
 
 #: Activation names accepted by :func:`batch_norm` and their kernel codes.
 ACTIVATIONS = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2}
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
-    """``(layout, N, C, L)`` for the kernels, or None: 0 is (N, C, L) contiguous, 1 is
-    rows of C contiguous channels (channels_last, or no trailing elements)."""
-    n, c = x.shape[:2]
-    length = math.prod(x.shape[2:])
-    if length == 1 and x.is_contiguous():
-        return 1, n, c, 1
-    if x.is_contiguous():
-        return 0, n, c, length
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return 1, n, c, length
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return 1, n, c, length
-    return None
-
-
 def supports(x: Tensor, weight: Tensor | None = None) -> bool:
     """True if the fused kernel can run on ``x``: a CPU float32 or bfloat16 tensor,
     contiguous or channels_last, with float32 affine parameters (or none)."""
@@ -53,10 +35,6 @@ def supports(x: Tensor, weight: Tensor | None = None) -> bool:
         and _layout(x) is not None
         and (weight is None or weight.dtype == torch.float32)
     )
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _act_code(activation: str | None) -> int:

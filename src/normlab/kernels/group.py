@@ -28,34 +28,16 @@ are the same math.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from normlab.functional.core import group_norm as _default_group_norm
 from normlab.kernels._build import load_library
+from normlab.kernels._tensors import DTYPES as _DTYPES
+from normlab.kernels._tensors import layout as _layout
+from normlab.kernels._tensors import ptr as _ptr
 
 __all__ = ["group_norm", "supports"]
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _layout(x: Tensor) -> tuple[int, int, int, int] | None:
-    """``(layout, N, C, L)`` for the kernels, or None: 0 is (N, C, L) contiguous, 1 is
-    rows of C contiguous channels (channels_last, or no trailing elements)."""
-    n, c = x.shape[:2]
-    length = math.prod(x.shape[2:])
-    if length == 1 and x.is_contiguous():
-        return 1, n, c, 1
-    if x.is_contiguous():
-        return 0, n, c, length
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return 1, n, c, length
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return 1, n, c, length
-    return None
-
 
 def _kernel_layout(x: Tensor, num_groups: int, weight: Tensor | None,
                    bias: Tensor | None) -> tuple[int, int, int, int] | None:
@@ -83,10 +65,6 @@ def supports(x: Tensor, num_groups: int, weight: Tensor | None = None,
     ``num_groups``, more than one element per group, and float32 CPU affine parameters
     of shape (C,) (or none)."""
     return _kernel_layout(x, num_groups, weight, bias) is not None
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class _FusedGroupNorm(torch.autograd.Function):

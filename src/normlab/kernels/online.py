@@ -23,11 +23,10 @@ from torch import Tensor
 
 from normlab.functional.core import update_running_
 from normlab.kernels._build import load_library
+from normlab.kernels._tensors import DTYPES as _DTYPES
+from normlab.kernels._tensors import ptr as _ptr
 
 __all__ = ["online_norm", "supports"]
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
 
 def supports(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> bool:
     """True if the fused kernel can run on ``x``: a non-empty contiguous CPU float32 or
@@ -41,10 +40,6 @@ def supports(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
         and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
                 for t in (weight, bias))
     )
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class _FusedOnlineNorm(torch.autograd.Function):

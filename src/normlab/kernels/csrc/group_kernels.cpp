@@ -29,96 +29,15 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-constexpr int64_t kChunk = 4096;  // elements per float partial sum (NCL)
+using namespace normlab_kernels;
+
+
 constexpr int64_t kRows = 64;     // rows per float partial sum (NLC)
 constexpr int64_t kHeadRows = 16;  // rows whose mean is the NLC shift estimate
-constexpr int kLanes = 64;
-
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  uint32_t nan = (u >> 16) | 0x40u;
-  p[i] = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-}
-
-// The sum of kLanes partial sums (overwriting them), folded by halves in vector adds: a
-// serial sum of 64 lanes would wait on 64 dependent adds, as long as the reduction of a
-// whole channel of 256 values.
-inline float lanes_sum(float* a) {
-  static_assert(kLanes == 64, "lanes_sum folds 64 lanes");
-  for (int j = 0; j < 32; ++j) a[j] += a[j + 32];
-  for (int j = 0; j < 16; ++j) a[j] += a[j + 16];
-  for (int j = 0; j < 8; ++j) a[j] += a[j + 8];
-  for (int j = 0; j < 4; ++j) a[j] += a[j + 4];
-  return (a[0] + a[1]) + (a[2] + a[3]);
-}
-
-// s1 += sum(p - k), s2 += sum((p - k)^2) over p[0..len): kLanes independent float
-// partial sums (the adds do not wait on each other), flushed to double every kChunk.
-template <typename T>
-inline void shifted_sums(const T* p, int64_t len, float k, double& s1, double& s2) {
-  for (int64_t b = 0; b < len; b += kChunk) {
-    const int64_t e = std::min(len, b + kChunk);
-    float a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const float d = ld(p, i + j) - k;
-        a1[j] += d;
-        a2[j] += d * d;
-      }
-    }
-    float t1 = 0.f, t2 = 0.f;
-    for (; i < e; ++i) {
-      const float d = ld(p, i) - k;
-      t1 += d;
-      t2 += d * d;
-    }
-    s1 += static_cast<double>(t1) + lanes_sum(a1);
-    s2 += static_cast<double>(t2) + lanes_sum(a2);
-  }
-}
-
-// sg += sum(g), sgx += sum(g * (x - k)) over [0..len).
-template <typename T>
-inline void grad_sums(const T* g, const T* x, int64_t len, float k, double& sg, double& sgx) {
-  for (int64_t b = 0; b < len; b += kChunk) {
-    const int64_t e = std::min(len, b + kChunk);
-    float t1 = 0.f, t2 = 0.f;
-    int64_t i = b;
-    if (e - b >= kLanes) {
-      float a1[kLanes] = {}, a2[kLanes] = {};
-      for (; i + kLanes <= e; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          const float gv = ld(g, i + j);
-          a1[j] += gv;
-          a2[j] += gv * (ld(x, i + j) - k);
-        }
-      }
-      t1 = lanes_sum(a1);
-      t2 = lanes_sum(a2);
-    }
-    for (; i < e; ++i) {
-      const float gv = ld(g, i);
-      t1 += gv;
-      t2 += gv * (ld(x, i) - k);
-    }
-    sg += t1;
-    sgx += t2;
-  }
-}
-
 // ------------------------------------------------------------------ NCL
 
 template <typename T>

@@ -20,25 +20,12 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-constexpr int64_t kChunk = 4096;
+using namespace normlab_kernels;
 
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  uint32_t nan = (u >> 16) | 0x40u;
-  p[i] = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-}
 
 // Activations: 0 identity, 1 relu, 2 leaky relu (slope).
 template <int ACT>
@@ -59,39 +46,6 @@ template <int ACT>
 inline float inv_act(float z, float slope) {
   if (ACT == 0) return z;
   return z >= 0.f ? z : z / slope;
-}
-
-// Reductions keep kLanes independent float partial sums (several vector registers, so
-// the adds do not wait on each other), flushed to double every kChunk elements.
-constexpr int kLanes = 64;
-
-// s1 += sum(p - k), s2 += sum((p - k)^2) over p[0..len).
-template <typename T>
-inline void shifted_sums(const T* p, int64_t len, float k, double& s1, double& s2) {
-  for (int64_t b = 0; b < len; b += kChunk) {
-    const int64_t e = std::min(len, b + kChunk);
-    float a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const float d = ld(p, i + j) - k;
-        a1[j] += d;
-        a2[j] += d * d;
-      }
-    }
-    float t1 = 0.f, t2 = 0.f;
-    for (; i < e; ++i) {
-      const float d = ld(p, i) - k;
-      t1 += d;
-      t2 += d * d;
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      t1 += a1[j];
-      t2 += a2[j];
-    }
-    s1 += t1;
-    s2 += t2;
-  }
 }
 
 template <typename T>

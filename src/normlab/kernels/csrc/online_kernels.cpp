@@ -27,107 +27,13 @@
 #include <cstring>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-constexpr int64_t kChunk = 4096;
+using namespace normlab_kernels;
+
 constexpr int kNc = 5;  // per-(n, c) values kept for backward: s, a, c0, d1, s2
-
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline float ld(const uint16_t* p, int64_t i) {
-  uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(uint16_t* p, int64_t i, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  uint32_t nan = (u >> 16) | 0x40u;
-  p[i] = static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-}
-
-// Row reductions: float partial sums over at most kChunk elements, accumulated in
-// double. Rows of at least kLanes elements keep kLanes independent partial sums (several
-// vector registers: one accumulator would make each add wait on the previous one, and
-// the reductions, not memory, would set the speed), folded at the end by vector adds and
-// an `omp simd` reduction of the last 16 (a serial sum of the lanes would cost as much as
-// a whole row); shorter rows take an `omp simd` reduction.
-constexpr int kLanes = 64;
-
-inline float lanes_sum(const float* a) {
-  float r[16];
-  for (int j = 0; j < 16; ++j) r[j] = (a[j] + a[j + 16]) + (a[j + 32] + a[j + 48]);
-  float t = 0.f;
-#pragma omp simd reduction(+ : t)
-  for (int j = 0; j < 16; ++j) t += r[j];
-  return t;
-}
-
-// s1 = sum(p - k), s2 = sum((p - k)^2).
-template <typename T>
-inline void shifted_sums(const T* p, int64_t len, float k, double& s1, double& s2) {
-  s1 = 0.0;
-  s2 = 0.0;
-  for (int64_t b = 0; b < len; b += kChunk) {
-    const int64_t e = std::min(len, b + kChunk);
-    float t1 = 0.f, t2 = 0.f;
-    int64_t i = b;
-    if (e - b >= kLanes) {
-      float a1[kLanes] = {}, a2[kLanes] = {};
-      for (; i + kLanes <= e; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          const float d = ld(p, i + j) - k;
-          a1[j] += d;
-          a2[j] += d * d;
-        }
-      }
-      t1 = lanes_sum(a1);
-      t2 = lanes_sum(a2);
-    }
-#pragma omp simd reduction(+ : t1, t2)
-    for (int64_t r = i; r < e; ++r) {
-      const float d = ld(p, r) - k;
-      t1 += d;
-      t2 += d * d;
-    }
-    s1 += t1;
-    s2 += t2;
-  }
-}
-
-// sg = sum(g), sgx = sum(g (x - k)).
-template <typename T>
-inline void grad_sums(const T* g, const T* x, int64_t len, float k, double& sg, double& sgx) {
-  sg = 0.0;
-  sgx = 0.0;
-  for (int64_t b = 0; b < len; b += kChunk) {
-    const int64_t e = std::min(len, b + kChunk);
-    float t1 = 0.f, t2 = 0.f;
-    int64_t i = b;
-    if (e - b >= kLanes) {
-      float a1[kLanes] = {}, a2[kLanes] = {};
-      for (; i + kLanes <= e; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          const float gv = ld(g, i + j);
-          a1[j] += gv;
-          a2[j] += gv * (ld(x, i + j) - k);
-        }
-      }
-      t1 = lanes_sum(a1);
-      t2 = lanes_sum(a2);
-    }
-#pragma omp simd reduction(+ : t1, t2)
-    for (int64_t r = i; r < e; ++r) {
-      const float gv = ld(g, r);
-      t1 += gv;
-      t2 += gv * (ld(x, r) - k);
-    }
-    sg += t1;
-    sgx += t2;
-  }
-}
 
 // The affine as double arrays (1 and 0 without one): branch-free, vectorisable loops.
 inline void affine_or_identity(const float* w, const float* b, int64_t C,
@@ -179,11 +85,13 @@ void on_fwd(const T* x, T* y, int64_t N, int64_t C, int64_t L, const float* w,
         float sh = 0.f;
         for (int64_t l = 0; l < head; ++l) sh += ld(xr, l);
         sh /= static_cast<float>(head);
-        double t1, t2;
+        double t1 = 0.0, t2 = 0.0;
         shifted_sums(xr, L, sh, t1, t2);
         double d1 = t1 / Ld;
         if (!(d1 * d1 <= t2 / Ld - d1 * d1)) {  // also taken for NaN, which stays NaN
           sh = static_cast<float>(sh + d1);
+          t1 = 0.0;
+          t2 = 0.0;
           shifted_sums(xr, L, sh, t1, t2);
           d1 = t1 / Ld;
         }
@@ -273,8 +181,11 @@ void on_bwd(const T* g, const T* x, T* dx, int64_t N, int64_t C, int64_t L, cons
       }
     } else {
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < C; ++c)
+      for (int64_t c = 0; c < C; ++c) {
+        sg[c] = 0.0;
+        sgx[c] = 0.0;
         grad_sums(gn + c * L, xn + c * L, L, static_cast<float>(q0[c]), sg[c], sgx[c]);
+      }
     }
     // Phase 2 (C values): layer scaling's projection, the affine's gradients, one step of
     // the controllers and the per-row coefficients of dx.
