@@ -251,11 +251,16 @@ def _native_batch_norm_train(
     return y
 
 
+# torch has no public test for a tensor wrapped by a torch.func transform; without this
+# private one (a future torch), every call takes the sync-free path: slower, as correct.
+_is_func_wrapped = getattr(getattr(torch._C, "_functorch", None),
+                           "is_functorch_wrapped_tensor", lambda t: True)
+
+
 def _can_sync(x: Tensor) -> bool:
     """False where the statistics cannot be read on the host: under torch.compile, and
     for tensors wrapped by torch.func transforms (vmap, grad)."""
-    return not (torch.compiler.is_compiling()
-                or torch._C._functorch.is_functorch_wrapped_tensor(x))
+    return not (torch.compiler.is_compiling() or _is_func_wrapped(x))
 
 
 def _largest_abs_product(a: Tensor, b: Tensor) -> float:
