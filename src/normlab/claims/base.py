@@ -36,6 +36,7 @@ __all__ = [
     "RunContext",
     "atomic_write_json",
     "read_json",
+    "save_plot",
 ]
 
 #: The possible verdicts. "not available" is for a claim whose layers have not landed.
@@ -148,6 +149,17 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_plot(fig, out_dir: str | os.PathLike, name: str) -> list[str]:
+    """Lay out ``fig``, write it to ``out_dir/name`` (PNG, 110 dpi) and close it; returns
+    ``[name]``, what a claim's ``plot`` returns."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / name, dpi=110)
+    plt.close(fig)
+    return [name]
 
 
 def read_json(path: str | os.PathLike):

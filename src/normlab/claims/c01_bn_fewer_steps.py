@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 MODEL = "cnn"
 MODEL_KWARGS = {"width": 16, "depth": 3}
@@ -127,11 +127,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  "(dotted: no-norm best accuracy; step where BN first reaches it)", fontsize=9)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "bn_fewer_steps_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bn_fewer_steps_curves.png")
 
 
 CLAIM = Claim(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 MODEL = "cnn"
 MODEL_KWARGS = {"width": 16, "depth": 3}
@@ -94,11 +94,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  fontsize=10)
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "bn_higher_lr_sensitivity.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bn_higher_lr_sensitivity.png")
 
 
 CLAIM = Claim(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 MODEL = "cnn"
 WIDTH, DEPTH = 16, 3
@@ -90,11 +90,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  "(red x: diverged)", fontsize=10)
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "bn_init_scale.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bn_init_scale.png")
 
 
 CLAIM = Claim(

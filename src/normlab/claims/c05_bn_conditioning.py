@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 MODEL = "mlp"
 WIDTH, DEPTH = 64, 3
@@ -211,11 +211,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     axes[0].legend()
     fig.suptitle(f"Loss Hessian on a fixed batch of {m['probe_size']}, MLP {m['depth']}x"
                  f"{m['width']} on {m['data']} (bars: mean, dots: seeds)", fontsize=10)
-    fig.tight_layout()
-    name = "bn_conditioning_hessian.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bn_conditioning_hessian.png")
 
 
 CLAIM = Claim(

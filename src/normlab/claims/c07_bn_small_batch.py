@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 MODEL = "cnn"
 MODEL_KWARGS = {"width": 16, "depth": 3}
@@ -108,11 +108,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  "epochs", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "bn_small_batch.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bn_small_batch.png")
 
 
 CLAIM = Claim(

@@ -13,7 +13,7 @@ from normlab.claims._batch_sweep import (
     steps_for_epochs,
     summary,
 )
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DATA = "digits"
 MODEL = "cnn"
@@ -112,11 +112,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.set_title(f"GN vs BN across batch sizes (CNN, {DATA}, {m['epochs']:g} epochs)")
     ax.grid(alpha=0.3)
     ax.legend(title=f"mean of {m['seeds']} seed(s); band: min-max")
-    fig.tight_layout()
-    name = "gn_batch_stable_acc_vs_batch.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "gn_batch_stable_acc_vs_batch.png")
 
 
 CLAIM = Claim(

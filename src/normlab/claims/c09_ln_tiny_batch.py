@@ -13,7 +13,7 @@ from normlab.claims._batch_sweep import (
     steps_for_epochs,
     summary,
 )
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DATA = "digits"
 MODEL = "mlp"
@@ -143,11 +143,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"LayerNorm at tiny batches (MLP, {DATA}, {m['epochs']:g} epochs each)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    name = "ln_tiny_batch_acc.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "ln_tiny_batch_acc.png")
 
 
 CLAIM = Claim(

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from normlab.claims._batch_sweep import mean, points, pts
-from normlab.claims.base import BUDGETS, Claim, RunContext
+from normlab.claims.base import BUDGETS, Claim, RunContext, save_plot
 
 DATA = "mnist1d"
 MODEL = "cnn"
@@ -101,11 +101,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.legend()
     fig.suptitle(f"Attentive Norm vs BN (CNN on {DATA}, batch {m['batch_size']}, "
                  f"{m['steps']} steps)")
-    fig.tight_layout()
-    name = "an_beats_bn_acc.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "an_beats_bn_acc.png")
 
 
 CLAIM = Claim(

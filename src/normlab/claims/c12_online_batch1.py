@@ -13,7 +13,7 @@ from normlab.claims._batch_sweep import (
     steps_for_epochs,
     summary,
 )
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DATA = "digits"
 MODEL = "cnn"
@@ -93,11 +93,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.set_title(f"Online Norm at batch 1 vs BN at batch 32 (CNN, {DATA})")
     ax.grid(alpha=0.3)
     ax.legend(title=f"curves: seed 0; legend: mean of {m['seeds']}")
-    fig.tight_layout()
-    name = "online_batch1_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "online_batch1_curves.png")
 
 
 CLAIM = Claim(

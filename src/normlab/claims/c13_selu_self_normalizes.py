@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from normlab.claims.base import BUDGETS, Claim, RunContext
+from normlab.claims.base import BUDGETS, Claim, RunContext, save_plot
 
 WIDTH = 256
 BATCH = 512
@@ -135,11 +135,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     axes[0].legend(title="thick: input std 1; thin: 0.5, 2")
     fig.suptitle(f"Activation statistics through depth: random MLP, width {m['width']}, "
                  f"batch {m['batch']} (target (0, 1) dashed)")
-    fig.tight_layout()
-    name = "selu_self_normalizes_stats.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "selu_self_normalizes_stats.png")
 
 
 CLAIM = Claim(

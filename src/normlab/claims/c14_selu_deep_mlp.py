@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from normlab.claims._batch_sweep import by_budget, mean, points, pts, sampling_noise, spread
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DATA = "digits"
 WIDTH = 64  # the input dimension of digits, as the paper's Fig. 1 (width = input size)
@@ -169,11 +169,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.grid(alpha=0.3)
     fig.suptitle(f"Deep MLPs (width {WIDTH}) on {DATA}: {m['steps']} steps, batch "
                  f"{m['batch_size']}, best of lr {m['lrs']}")
-    fig.tight_layout()
-    name = "selu_deep_mlp_training.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "selu_deep_mlp_training.png")
 
 
 CLAIM = Claim(

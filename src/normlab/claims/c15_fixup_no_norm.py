@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, fit, mean, pct, seed_range
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DEPTH = 32  # ResNet-32: 3 stages of 5 basic blocks, 15 residual branches
 WIDTH = 8  # channels of the first stage (then 16, 32)
@@ -143,11 +143,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     fig.suptitle(f"Fixup vs BatchNorm, ResNet-{m['depth']} (width {m['width']}) on {m['data']}, "
                  f"all at lr {m['lr']:g} (batch {m['batch']}, cosine); a line ends where a run "
                  "diverged", fontsize=9)
-    fig.tight_layout()
-    name = "fixup_no_norm_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "fixup_no_norm_curves.png")
 
 
 CLAIM = Claim(

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, mean, noise_floor, pct
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DEPTH = 10  # hidden layers (the paper's fully connected run: 15 layers of 500 units)
 WIDTH = 64
@@ -140,11 +140,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  f"{m['epochs']:g} epochs", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    name = "enorm_small_batch_accuracy.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "enorm_small_batch_accuracy.png")
 
 
 CLAIM = Claim(

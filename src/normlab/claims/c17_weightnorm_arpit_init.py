@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, mean, noise_floor, pct
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 DEPTH = 40  # hidden layers
 WIDTH = 32
@@ -188,11 +188,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     fig.suptitle(f"{m['depth']}-layer ReLU MLP (width {m['width']}) on {m['data']}, SGD "
                  f"momentum 0.9, batch {m['batch']}, each at its best lr from {m['lrs']}; "
                  f"dotted: chance, end of warm-up ({m['warmup_steps']} steps)", fontsize=9)
-    fig.tight_layout()
-    name = "weightnorm_arpit_init_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "weightnorm_arpit_init_curves.png")
 
 
 CLAIM = Claim(

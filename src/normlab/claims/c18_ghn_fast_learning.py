@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, mean, pct, seed_range
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 WIDTH = 128
 DEPTH = 2  # hidden layers
@@ -194,11 +194,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  "in its first epoch (dotted: the epoch the verdict reads)", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "ghn_fast_learning_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "ghn_fast_learning_curves.png")
 
 
 CLAIM = Claim(

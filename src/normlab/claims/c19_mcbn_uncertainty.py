@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 WIDTH, DEPTH = 50, 2  # the paper's regression net: 2 x 50 ReLU units
 BATCH = 32
@@ -174,11 +174,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax2.grid(alpha=0.3, axis="y")
     fig.suptitle(f"MC batch norm vs deterministic inference, {m['data']}, "
                  f"{len(splits)} random splits, T = {m['mc_samples']}", fontsize=9)
-    fig.tight_layout()
-    name = "mcbn_uncertainty_pll.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "mcbn_uncertainty_pll.png")
 
 
 CLAIM = Claim(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, mean, noise_floor, pct
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 HIDDEN = 64
 BATCH = 64
@@ -196,11 +196,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
                  f"{m['batch']}); dotted: speed target", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = "bnlstm_per_step_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "bnlstm_per_step_curves.png")
 
 
 CLAIM = Claim(

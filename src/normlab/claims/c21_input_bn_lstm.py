@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from normlab.claims._custom_loop import acc_or_chance, mean, noise_floor, pct
-from normlab.claims.base import Claim, RunContext
+from normlab.claims.base import Claim, RunContext, save_plot
 
 HIDDEN = 64
 BATCH = 32
@@ -138,11 +138,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
     fig.suptitle(f"Row-by-row {m['data']}, {m['hidden']} hidden units, Adam {m['lr']:g}, batch "
                  f"{m['batch']}", fontsize=9)
-    fig.tight_layout()
-    name = "input_bn_lstm_curves.png"
-    fig.savefig(Path(out_dir) / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return save_plot(fig, out_dir, "input_bn_lstm_curves.png")
 
 
 CLAIM = Claim(
