@@ -30,9 +30,15 @@ def all_claims() -> list[Claim]:
 
 
 def get_claim(name: str | int) -> Claim:
-    """The claim with this id or number; ValueError listing the known ones."""
-    for claim in all_claims():
-        if str(name) in (claim.id, str(claim.number)):
-            return claim
-    known = ", ".join(f"{c.number}:{c.id}" for c in all_claims())
+    """The claim with this id or number; ValueError listing the known ones. Only the
+    matching module is imported."""
+    wanted = str(name)
+    for info in pkgutil.iter_modules(__path__):
+        if not (info.name.startswith("c") and info.name[1:3].isdigit()):
+            continue
+        number, claim_id = str(int(info.name[1:3])), info.name[4:]
+        if wanted in (number, claim_id, info.name):
+            return importlib.import_module(f"{__name__}.{info.name}").CLAIM
+    known = ", ".join(info.name[1:] for info in pkgutil.iter_modules(__path__)
+                      if info.name.startswith("c") and info.name[1:3].isdigit())
     raise ValueError(f"normlab.claims: unknown claim {name!r}; known: {known}")
