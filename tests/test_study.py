@@ -1,83 +1,76 @@
-"""`normlab study` end to end at a tiny budget, with fake claims defined here: verdicts,
-errors, missing layers, files written, resume after deleted and corrupt runs, and the
-command line."""
+"""`normlab study` end to end at a tiny budget, with fake claims defined here: verdicts
+from the protocol, errors, missing layers, files written, content-keyed resume, the
+folder lock, the umask, and a killed study leaving no worker behind."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
 from normlab.claims.base import Budget, Claim, atomic_write_json
+from normlab.claims.protocol import Effect
 from normlab.cli import main
-from normlab.study import grid_config, grid_runs, run_study
+from normlab.study import StudyLocked, _FolderLock, grid_config, grid_runs, run_study
 
-TINY = Budget("test", step_scale=0.02, seeds=1)
+TINY = Budget("test", step_scale=0.02, seeds=3)
 #: Two norms x two batch sizes x one learning rate, a sliver of an epoch: 4 real runs.
 TINY_GRID = {"norms": ["none", "bn"], "batch_sizes": [8, 32], "lr_factors": [1.0],
              "epochs": 0.1, "seeds": [0]}
+OFFSET = 10
 
 
-def _square_sum(n: int) -> dict:
-    return {"value": float(sum(i * i for i in range(n)))}
+def affine(x: int, offset: int) -> dict:
+    """A run: deterministic, cheap, and with every input in its arguments."""
+    return {"y": 2 * x + offset, "pid": os.getpid()}
 
 
-def measure_sums(ctx) -> dict:
-    # Three units of work, each cached by RunContext under runs/fake_sums/.
-    values = [ctx.run(f"sum-{n}", lambda n=n: _square_sum(n))["value"] for n in (3, 4, 5)]
-    return {"values": values, "total": sum(values), "nan": float("nan")}
+def measure_affine(ctx) -> dict:
+    # one batch of runs (computed in parallel), then a second that depends on it
+    first = ctx.map(affine, [{"x": s, "offset": OFFSET} for s in ctx.seeds])
+    second = ctx.map(affine, [{"x": r["y"], "offset": 0} for r in first])
+    # y2 = 2 (2 s + 10) = 4 s + 20: the per-seed effect "y2 - 4 s" is 20 for every seed
+    return {"effects": {"d": [r["y"] - 4 * s for s, r in zip(ctx.seeds, second, strict=True)]},
+            "pids": sorted({r["pid"] for r in first + second})}
 
 
-def judge_sums(m: dict) -> tuple[str, str]:
-    # 0+1+4 + 0+1+4+9 + 0+1+4+9+16 = 49, computed independently of measure().
-    if m["total"] == 49.0:
-        return "reproduced", f"total {m['total']} == 49"
-    return "not reproduced", f"total {m['total']} != 49"
-
-
-def plot_sums(m: dict, out_dir: Path) -> list[str]:
+def plot_affine(m: dict, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    ax.plot(m["values"], "o-")
-    ax.set_title("fake sums")
-    fig.savefig(Path(out_dir) / "fake_sums_values.png")
+    ax.plot(m["effects"]["d"], "o-")
+    fig.savefig(Path(out_dir) / "fake_affine.png")
     plt.close(fig)
-    return ["fake_sums_values.png"]
-
-
-def measure_one(ctx) -> dict:
-    return ctx.run("one", lambda: {"x": 1})
-
-
-def judge_negative(m: dict) -> tuple[str, str]:
-    return ("not reproduced", "x is 1, the criterion wanted 2")
+    return ["fake_affine.png"]
 
 
 def measure_boom(ctx) -> dict:
-    ctx.run("before-boom", lambda: {"x": 2})
+    ctx.map(affine, [{"x": 1, "offset": 1}])
     raise ValueError("boom: the experiment broke")
 
 
-FAKE_SUMS = Claim(number=1, id="fake_sums", title="Sums of squares add up",
-                  statement="the sum is 49", source="test_study.py", setup="three sums",
-                  criterion="total == 49", measure=measure_sums, judge=judge_sums,
-                  plot=plot_sums, takeaway="squares add up")
-FAKE_NEG = Claim(number=2, id="fake_negative", title="One equals two", statement="1 == 2",
-                 source="test_study.py", setup="one run", criterion="x == 2",
-                 measure=measure_one, judge=judge_negative)
-FAKE_BOOM = Claim(number=3, id="fake_boom", title="An experiment that raises",
-                  statement="-", source="test_study.py", setup="-", criterion="-",
-                  measure=measure_boom, judge=judge_sums)
-FAKE_MISSING = Claim(number=4, id="fake_missing", title="Needs a layer that does not exist",
-                     statement="-", source="test_study.py", setup="-", criterion="-",
-                     measure=measure_one, judge=judge_sums,
-                     requires=("normlab.nn.NoSuchLayer",))
-FAKES = [FAKE_SUMS, FAKE_NEG, FAKE_BOOM, FAKE_MISSING]
+def _claim(number, id, measure, effects, **kw):
+    return Claim(number=number, id=id, title=id.replace("_", " "), statement="-",
+                 source="test_study.py", setup="-", measure=measure, effects=effects, **kw)
+
+
+FAKE_UP = _claim(1, "fake_up", measure_affine,
+                 (Effect("d", "y2 - 4 seed", "units", "greater", threshold=15.0),),
+                 plot=plot_affine, lessons={"reproduced": "It holds."})
+FAKE_DOWN = _claim(2, "fake_down", measure_affine,
+                   (Effect("d", "y2 - 4 seed", "units", "greater", threshold=25.0),))
+FAKE_BOOM = _claim(3, "fake_boom", measure_boom, (Effect("d", "d", "units", "greater"),))
+FAKE_MISSING = _claim(4, "fake_missing", measure_affine, (Effect("d", "d", "u", "greater"),),
+                      requires=("normlab.nn.NoSuchLayer",))
+FAKES = [FAKE_UP, FAKE_DOWN, FAKE_BOOM, FAKE_MISSING]
 
 
 def _study(out, workers, **kw):
@@ -95,142 +88,142 @@ def finished(tmp_path_factory):
     return out, summary, lines
 
 
-def test_verdicts_errors_and_missing_layers(finished):
-    out, summary, lines = finished
+def test_verdicts_come_from_the_protocol(finished):
+    out, summary, _ = finished
     by_id = {r["id"]: r for r in summary["claims"]}
-    assert [r["id"] for r in summary["claims"]] == [c.id for c in FAKES]
-    assert by_id["fake_sums"]["verdict"] == "reproduced"
-    assert by_id["fake_sums"]["measured"]["total"] == 49.0
-    assert by_id["fake_sums"]["measured"]["nan"] is None  # NaN stored as null: strict JSON
-    assert by_id["fake_negative"]["verdict"] == "not reproduced"
-    boom = by_id["fake_boom"]
-    assert boom["verdict"] == "inconclusive"
-    assert boom["error"] == "ValueError: boom: the experiment broke"
-    assert "Traceback" in boom["traceback"] and "measure_boom" in boom["traceback"]
-    miss = by_id["fake_missing"]
-    assert miss["verdict"] == "not available"
-    assert miss["missing"] == ["normlab.nn.NoSuchLayer"]
-    # One start and one finish line per claim that ran.
-    for cid in ("fake_sums", "fake_negative", "fake_boom"):
-        assert sum(f"] {cid}: started" in line for line in lines) == 1
-        assert sum(f"] {cid}: " in line and " in " in line and "s CPU" in line
-                   for line in lines) == 1
+    up, down = by_id["fake_up"], by_id["fake_down"]
+    assert up["verdict"] == "reproduced" and down["verdict"] == "not reproduced"
+    (eff,) = up["effects"]
+    assert eff["values"] == [20.0, 20.0, 20.0] and eff["low"] == eff["high"] == 20.0
+    assert up["takeaway"].startswith("It holds.") and "20" in up["reason"]
+    assert "15 units" in up["criterion"]
+    assert up["runs_done"] == 6 and up["plots"] == ["fake_affine.png"]
+    assert by_id["fake_boom"]["verdict"] == "inconclusive"
+    assert "boom" in by_id["fake_boom"]["error"] and by_id["fake_boom"]["traceback"]
+    assert by_id["fake_missing"]["verdict"] == "not available"
+    assert len(set(up["measured"]["pids"])) >= 1 and os.getpid() not in up["measured"]["pids"]
 
 
 def test_files_written(finished):
     out, summary, _ = finished
-    for cid in ("fake_sums", "fake_negative", "fake_boom", "fake_missing"):
-        stored = json.loads((out / "claims" / f"{cid}.json").read_text())
-        assert stored["budget"] == "test" and stored["data"] == "digits"
-    assert (out / "plots" / "fake_sums_values.png").stat().st_size > 1000
-    assert json.loads((out / "claims" / "fake_sums.json").read_text())["plots"] == \
-        ["fake_sums_values.png"]
-    grid = json.loads((out / "grid.json").read_text())
-    assert len(grid["runs"]) == 4
-    for r in grid["runs"]:
-        assert {"norm", "batch_size", "lr", "seed", "final_test_acc", "diverged", "steps",
-                "seconds"} <= set(r)
-        assert 0.0 <= r["final_test_acc"] <= 1.0
-        # Same number of epochs at every batch size: steps = epochs * (1438 // batch).
-        assert r["steps"] == max(1, round(0.1 * (1438 // r["batch_size"])))
-        assert r["lr"] == pytest.approx(0.05 * r["batch_size"] / 32)
     meta = json.loads((out / "study.json").read_text())
-    assert meta["budget"] == "test" and meta["machine"]["cpu_count"] == os.cpu_count()
-    for name in ("grid_accuracy_vs_batch.png", "grid_training_curves.png",
-                 "grid_lr_sensitivity.png"):
-        assert (out / "plots" / name).stat().st_size > 1000
+    assert len(meta["code_hash"]) == 64 and meta["normlab_version"]
+    assert meta["budget_detail"] == {"name": "test", "step_scale": 0.02, "seeds": 3,
+                                     "decisive": True}
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in claims] == ["fake_up", "fake_down", "fake_boom", "fake_missing"]
+    grid = json.loads((out / "grid.json").read_text())
+    assert len(grid["runs"]) == 4 and all(r["final_test_acc"] is not None for r in grid["runs"])
+    assert (out / "index.html").is_file() and (out / "README.md").is_file()
 
 
-def test_one_worker_then_resume_redoes_only_deleted_and_corrupt_runs(finished, tmp_path):
-    out = tmp_path / "s"
-    first, _ = _study(out, workers=1)
-    # One worker gives what two gave, bit for bit (training is deterministic).
-    _, two, _ = finished
-    assert [(r["id"], r["verdict"], r["measured"]) for r in first["claims"]] == \
-        [(r["id"], r["verdict"], r["measured"]) for r in two["claims"]]
-    assert [r["final_test_acc"] for r in first["grid"]["runs"]] == \
-        [r["final_test_acc"] for r in two["grid"]["runs"]]
-    # fake_sums: 3 runs, fake_negative: 1, fake_boom: 1 before raising, grid: 4.
-    assert first["runs_done"] == 9 and first["runs_reused"] == 0
-    again, _ = _study(out, workers=1)
-    # Finished claims are reused whole; the one that raised is measured again (its run
-    # before the error is reused), and the grid reads its 4 stored runs.
-    assert again["runs_done"] == 0 and again["runs_reused"] == 5
-    sums_runs = sorted((out / "runs" / "fake_sums").glob("*.json"))
-    grid_runs_ = sorted((out / "runs" / "grid").glob("*.json"))
-    sums_runs[0].unlink()
-    grid_runs_[0].unlink()
-    corrupt = sums_runs[1]
-    corrupt.write_text('{"key": "sum-4", "result": {"val')  # a half-written file
-    with pytest.warns(RuntimeWarning, match=corrupt.name):
-        third, lines = _study(out, workers=1)
-    # Exactly the deleted and the corrupt run of the claim and the deleted grid run.
-    assert third["runs_done"] == 3
-    assert any("warning" in line and corrupt.name in line for line in lines)
-    assert json.loads(corrupt.read_text())["result"] == {"value": 14.0}  # 0+1+4+9
-    by_id = {r["id"]: r for r in third["claims"]}
-    assert by_id["fake_sums"]["verdict"] == "reproduced"
+def test_a_rerun_computes_nothing_and_a_deleted_run_is_redone(finished, tmp_path):
+    import shutil
+
+    out, summary, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again, _ = _study(copy, workers=0)
+    assert again["runs_done"] == 0
+    runs = sorted((copy / "runs").glob("affine-*.json"))
+    runs[0].unlink()
+    runs[1].write_text("{not json")
+    redo, _ = _study(copy, workers=0)
+    assert redo["runs_done"] == 2
+    assert any("corrupt result file" in w for w in redo["warnings"])
+    assert [r["verdict"] for r in redo["claims"]] == [r["verdict"] for r in summary["claims"]]
 
 
-def test_changed_budget_or_data_redoes_the_claim(tmp_path):
-    out = tmp_path / "s"
-    run_study(out, budget=TINY, claims=[FAKE_NEG], workers=0, grid=False, log=lambda s: None)
-    before = json.loads((out / "claims" / "fake_negative.json").read_text())
-    other = Budget("test", step_scale=0.05, seeds=1)
-    lines = []
-    run_study(out, budget=other, claims=[FAKE_NEG], workers=0, grid=False, log=lines.append)
-    after = json.loads((out / "claims" / "fake_negative.json").read_text())
-    assert before["budget_detail"]["step_scale"] == 0.02
-    assert after["budget_detail"]["step_scale"] == 0.05
-    assert not any("stored result reused" in line for line in lines)
-    # Same budget again: reused. Then a result stored by other code (another digest of
-    # the claim's source) or with another criterion is judged again.
-    path = out / "claims" / "fake_negative.json"
-    for change in (None, {"code_sha1": "0" * 40}, {"criterion": "x == 3"}):
-        if change:
-            atomic_write_json(path, {**json.loads(path.read_text()), **change})
-        lines = []
-        run_study(out, budget=other, claims=[FAKE_NEG], workers=0, grid=False,
-                  log=lines.append)
-        assert any("stored result reused" in line for line in lines) == (change is None)
-        assert json.loads(path.read_text())["criterion"] == "x == 2"
+def test_a_changed_constant_recomputes_what_it_affects(finished, tmp_path, monkeypatch):
+    import shutil
+
+    out, _, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(sys.modules[__name__], "OFFSET", 11)
+    changed, _ = _study(copy, workers=0)
+    # both fake claims share the runs: 3 first-batch runs and 3 second-batch runs are new
+    assert changed["runs_done"] == 6
+    up = next(r for r in changed["claims"] if r["id"] == "fake_up")
+    assert up["effects"][0]["values"] == [22.0, 22.0, 22.0]
 
 
-def test_corrupt_claim_result_is_reported_and_redone(tmp_path):
-    out = tmp_path / "s"
-    run_study(out, budget=TINY, claims=[FAKE_NEG], workers=0, grid=False, log=lambda s: None)
-    path = out / "claims" / "fake_negative.json"
-    path.write_text("{not json")
-    with pytest.warns(RuntimeWarning, match="fake_negative.json"):
-        summary = run_study(out, budget=TINY, claims=[FAKE_NEG], workers=0, grid=False,
-                            log=lambda s: None)
-    assert summary["claims"][0]["verdict"] == "not reproduced"
-    assert json.loads(path.read_text())["verdict"] == "not reproduced"
+def test_a_second_study_on_the_same_folder_is_refused(tmp_path):
+    with _FolderLock(tmp_path), pytest.raises(StudyLocked, match="another study"):
+        run_study(tmp_path, budget=TINY, claims=[FAKE_UP], workers=0, grid=False,
+                  log=lambda line: None)
+    # released: the same call now runs
+    run_study(tmp_path, budget=TINY, claims=[FAKE_UP], workers=0, grid=False,
+              log=lambda line: None)
+
+
+def test_stored_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_out_must_be_a_writable_folder(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_study(f, budget=TINY, claims=[FAKE_UP], workers=0, grid=False)
 
 
 def test_unknown_claim_and_budget_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown claim 'no_such_claim'"):
-        run_study(tmp_path, claims=["no_such_claim"], workers=0, grid=False)
-    with pytest.raises(ValueError, match="unknown budget 'huge'"):
-        run_study(tmp_path, budget="huge", workers=0, grid=False)
+    with pytest.raises(ValueError, match="unknown budget"):
+        run_study(tmp_path, budget="huge", claims=[FAKE_UP], workers=0, grid=False)
+    with pytest.raises(ValueError, match="unknown claim 'nope'"):
+        run_study(tmp_path, budget=TINY, claims=["nope"], workers=0, grid=False)
 
 
 def test_grid_config_same_epochs_and_linear_lr():
-    from normlab.claims.base import BUDGETS
+    cfg = grid_config(Budget("default", 1.0, 5))
+    runs = grid_runs(cfg, num_train=1024)
+    by_batch = {r["batch_size"]: r for r in runs if r["lr_factor"] == 1.0}
+    assert by_batch[2]["steps"] == 16 * by_batch[32]["steps"]
+    assert by_batch[2]["lr"] == pytest.approx(by_batch[32]["lr"] / 16)
 
-    for name in ("quick", "default", "full"):
-        cfg = grid_config(BUDGETS[name])
-        assert min(cfg["batch_sizes"]) == 2 and max(cfg["batch_sizes"]) == 128
-        assert {"none", "bn", "gn", "ln", "in", "brn", "sn"} <= set(cfg["norms"])
-        assert len(cfg["seeds"]) == BUDGETS[name].seeds
-        runs = grid_runs(cfg, num_train=1438)
-        assert len(runs) == (len(cfg["norms"]) * len(cfg["batch_sizes"])
-                             * len(cfg["lr_factors"]) * len(cfg["seeds"]))
-        for r in runs:
-            # Samples seen = epochs x (whole batches per epoch) x batch, at every size.
-            assert r["steps"] == cfg["epochs"] * (1438 // r["batch_size"])
-            assert r["lr"] == pytest.approx(0.05 * r["lr_factor"] * r["batch_size"] / 32,
-                                             rel=1e-5)
+
+def _session_alive(sid: int) -> list[int]:
+    alive = []
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit():
+            try:
+                if os.getsid(int(pid_dir.name)) == sid:
+                    alive.append(int(pid_dir.name))
+            except OSError:
+                pass
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list processes")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_study_leaves_no_worker_and_no_writer(tmp_path, sig):
+    out = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", "study", "--quick", "--claims",
+                             "gn_batch_stable", "--no-grid", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((out / "runs").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list((out / "runs").glob("*.json")), "the study stored no run within 60 s"
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _session_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_alive(proc.pid) == [], "worker processes outlived the study"
+    before = sorted(p.name for p in out.rglob("*"))
+    time.sleep(1.5)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # the lock died with its owner: a new study on the folder is not refused
+    with _FolderLock(out):
+        pass
 
 
 @pytest.mark.parametrize("command", ["study", "claims", "report"])
@@ -245,14 +238,12 @@ def test_cli_claims_lists_every_claim(capsys):
     from normlab.study import discover_claims
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a claim module being written may not load yet
+        warnings.simplefilter("ignore")
         assert main(["claims"]) == 0
         found = discover_claims()
     out = capsys.readouterr().out
     for f in found:
         assert f.claim.id in out and f.claim.title in out
-    if not found:
-        assert "no claims yet" in out
 
 
 def test_cli_study_unknown_claim_exits_2(tmp_path, capsys):

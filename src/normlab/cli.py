@@ -284,9 +284,10 @@ def _add_study(sub) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="budget", const="quick",
-                      help="the quick budget (fewer steps, one seed; at most 5 minutes)")
+                      help="the quick budget: a smoke test with shortened setups and 2 seeds that "
+                      "decides no claim (at most 5 minutes)")
     size.add_argument("--full", action="store_const", dest="budget", const="full",
-                      help="the full budget (more steps and seeds; as long as it needs)")
+                      help="the full budget: the default's setups over 10 seeds instead of 5")
     p.set_defaults(budget="default")
     p.add_argument("--claims", nargs="+", metavar="ID", default=None,
                    help="only these claims (ids or numbers, see `normlab claims`)")
@@ -304,7 +305,7 @@ def _add_study(sub) -> None:
 def _run_study(args) -> int:
     import shlex
 
-    from normlab.study import format_claims_table, run_study
+    from normlab.study import StudyLocked, format_claims_table, run_study
 
     parts = ["normlab", "study"] + ([f"--{args.budget}"] if args.budget != "default" else [])
     if args.claims:
@@ -320,6 +321,9 @@ def _run_study(args) -> int:
         summary = run_study(args.out, budget=args.budget, claims=args.claims, data=args.data,
                             workers=args.workers, grid=not args.no_grid,
                             command=" ".join(shlex.quote(x) for x in parts))
+    except StudyLocked as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"normlab study: error: {e}", file=sys.stderr)
         return 2

@@ -6,65 +6,63 @@ What it does, in order:
 1. Finds the claims (:mod:`normlab.claims`, one module per claim). A claim whose
    ``requires`` do not import gets the verdict "not available" (with the missing
    names) instead of running.
-2. Runs each remaining claim's ``measure`` -> ``judge`` -> ``plot`` in a worker
-   process, and every run of the comparison grid (normalizer x batch size x learning
-   rate x seed) as its own task, over ``workers`` processes (``forkserver`` start
-   method, or ``spawn`` where there is none: never ``fork``, which can hang after torch
-   has started threads; each worker uses one torch thread). A claim that raises gets
-   "inconclusive" with the error and its traceback recorded; it never stops the study.
-3. Writes ``out_dir/claims/<id>.json`` per claim, ``out_dir/grid.json``,
-   ``out_dir/study.json`` (how it was run) and the report (:mod:`normlab.report`).
+2. Measures every claim and the grid as *jobs* (:mod:`normlab.executor`): each job
+   replays its ``measure`` over the stored runs and asks for the runs it is missing;
+   the runs of every job go to ``workers`` processes one run at a time, and the
+   driver writes each result under ``out_dir/runs/`` as it comes back. A run is keyed
+   by its function, every argument and a hash of normlab's code
+   (:func:`normlab.claims.base.make_spec`), so a study resumed after a change of code
+   or of a claim's constants recomputes exactly what the change affects, and a
+   rerun of a finished study computes nothing.
+3. Judges each measurement by the one protocol of :mod:`normlab.claims.protocol`
+   (intervals over seeds against thresholds declared before the run) and writes
+   ``out_dir/claims/<id>.json``, ``out_dir/grid.json``, ``out_dir/study.json`` (how it
+   was run: budget, code hash, normlab version, machine) and the report
+   (:mod:`normlab.report`). A claim whose measurement raises gets "inconclusive" with
+   the error and its traceback recorded; it never stops the study.
 
-Resumable: every unit of work is stored by :class:`normlab.claims.RunContext` under
-``out_dir/runs/`` (written atomically), so a study killed half-way redoes only the
-missing runs. A finished claim's result is reused as is when it was measured with the
-same budget, data, criterion and claim code (a digest of its module's source) and all
-its run files are still there and readable;
-otherwise the claim is measured again (its stored runs are reused, so only the missing
-ones are computed). A corrupt file is reported with a warning naming it and redone.
-A rerun of a finished study therefore only rewrites the report.
+One study at a time writes a folder: a second one on the same folder is refused while
+the first runs (an advisory lock that dies with its owner).
 
 The grid trains ``models.cnn`` (width 16, depth 3) with every normalizer at every
-batch size for the SAME NUMBER OF EPOCHS (so small batches take many more steps than
-large ones), SGD with momentum 0.9 at a constant learning rate ``base_lr * factor *
-batch / 32`` (the linear scaling rule, Goyal et al. 2017), ``factor`` in
-``lr_factors`` (1/3, 1, 3 around ``base_lr = 0.05``), one run per seed of the budget.
+batch size for the SAME NUMBER OF EPOCHS, SGD with momentum 0.9 at a constant learning
+rate ``base_lr * factor * batch / 32`` (the linear scaling rule, Goyal et al. 2017),
+``factor`` in ``lr_factors``, on seed-drawn splits. It describes; it decides nothing.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime as _dt
-import hashlib
 import importlib
-import inspect
 import math
-import multiprocessing
 import os
 import pkgutil
 import platform
 import shlex
+import signal
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from normlab.claims.base import (
     BUDGETS,
-    VERDICTS,
     Budget,
     Claim,
+    PendingRuns,
     RunContext,
-    _key_to_filename,
     atomic_write_json,
+    code_hash,
     read_json,
 )
+from normlab.claims.protocol import judge
+from normlab.executor import execute_jobs, start_method
 from normlab.report import make_claim_plots, write_report
 
 __all__ = ["run_study", "grid_config", "discover_claims", "select_claims", "format_claims_table",
-           "GRID_NORMS", "GRID_NORMS_FULL"]
+           "StudyLocked", "GRID_NORMS", "GRID_NORMS_FULL"]
 
 #: The normalizers of the grid at the quick and default budgets ...
 GRID_NORMS = ("none", "bn", "gn", "ln", "in", "brn", "sn")
@@ -73,25 +71,21 @@ GRID_NORMS_FULL = GRID_NORMS + ("an", "on")
 
 
 def grid_config(budget: Budget) -> dict:
-    """The comparison grid at ``budget`` (see the module docstring).
-
-    Measured single-thread CPU cost on "digits": about 14 s per learning rate per seed
-    and epoch for the 7 norms at batches (2, 16, 128), 17 s at (2, 8, 32, 128): quick
-    about 45 s of CPU, default about 3.5 minutes.
-    """
+    """The comparison grid at ``budget`` (see the module docstring): descriptive, so it
+    runs 2 seeds at the default and full budgets and 1 at the quick one."""
+    full = budget.name == "full"
     return {
         "model": "cnn",
         "model_kwargs": {"width": 16, "depth": 3},
-        "norms": list(budget.pick(quick=GRID_NORMS, default=GRID_NORMS, full=GRID_NORMS_FULL)),
-        "batch_sizes": list(budget.pick(quick=(2, 16, 128), default=(2, 8, 32, 128),
-                                        full=(2, 4, 8, 16, 32, 64, 128))),
+        "norms": list(GRID_NORMS_FULL if full else GRID_NORMS),
+        "batch_sizes": list(budget.pick(quick=(2, 16, 128), default=(2, 8, 32, 128))),
         "base_lr": 0.05,
         "ref_batch": 32,
         "lr_factors": [1 / 3, 1.0, 3.0],
         "lr_scaling": "linear",
         "momentum": 0.9,
-        "epochs": budget.pick(quick=1, default=2, full=6),
-        "seeds": list(range(budget.seeds)),
+        "epochs": budget.pick(quick=1, default=2),
+        "seeds": list(range(budget.pick(quick=1, default=2))),
     }
 
 
@@ -164,26 +158,17 @@ def select_claims(selection: Iterable | None, log=None) -> list[_Found]:
 
 def _claim_text(claim: Claim) -> dict:
     """The descriptive fields of a claim, as stored with its result."""
+    change = claim.criterion_change
     return {"id": claim.id, "number": claim.number, "title": claim.title,
             "statement": claim.statement, "source": claim.source, "setup": claim.setup,
-            "criterion": claim.criterion, "takeaway": claim.takeaway,
-            "requires": list(claim.requires)}
-
-
-def _code_sha1(claim: Claim) -> str | None:
-    """A digest of the source files of the claim's measure and judge functions: a stored
-    result is re-judged (its runs reused) when the claim's code changed."""
-    digest = hashlib.sha1()
-    try:
-        for fn in (claim.measure, claim.judge):
-            digest.update(Path(inspect.getsourcefile(fn)).read_bytes())
-    except (TypeError, OSError):
-        return None
-    return digest.hexdigest()
+            "criterion": claim.criterion_text(), "setup_change": claim.setup_change,
+            "criterion_change": {"old": change[0], "new": change[1]} if change else None,
+            "scale_note": claim.scale_note, "requires": list(claim.requires)}
 
 
 def _budget_dict(budget: Budget) -> dict:
-    return {"name": budget.name, "step_scale": budget.step_scale, "seeds": budget.seeds}
+    return {"name": budget.name, "step_scale": budget.step_scale, "seeds": budget.seeds,
+            "decisive": budget.decisive}
 
 
 def json_safe(obj):
@@ -202,103 +187,114 @@ def json_safe(obj):
     return repr(obj)
 
 
-# --------------------------------------------------------------------------- workers
+# --------------------------------------------------------------------------- jobs
 
 
-@dataclass
-class _TrackingContext(RunContext):
-    """A RunContext that remembers the keys a claim used (to check them on resume)."""
+class _ClaimJob:
+    """One claim's measurement as a job of :func:`normlab.executor.execute_jobs`."""
 
-    keys_used: list = field(default_factory=list)
+    def __init__(self, found: _Found, budget: Budget, out: Path, data: str, workers: int,
+                 log: Callable[[str], None]):
+        self.claim = found.claim
+        self.budget, self.out, self.data, self.log = budget, out, data, log
+        self.ctx = RunContext(self.claim.id, budget, out, data=data, plan=workers > 0,
+                              log=lambda line, _id=self.claim.id: log(f"  {_id}: {line}"))
+        self.error: str | None = None
+        self.tb: str | None = None
+        self.measured: dict | None = None
+        self.started: float | None = None
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.runs_done = 0
+        self.finished = False
+        self.warnings: list[str] = []
 
-    def run(self, key, fn):
-        self.keys_used.append(key)
-        return super().run(key, fn)
-
-
-_QUEUE = None  # the worker's channel to the main process (None: running inline)
-_DATASETS: dict = {}  # datasets loaded in this worker, shared by its tasks
-
-
-def _init_worker(queue) -> None:
-    global _QUEUE
-    _QUEUE = queue
-    import torch
-
-    # One intra-op thread per worker: these models are small, and the workers are as
-    # many as the cores.
-    torch.set_num_threads(1)
-
-
-def _emit(kind: str, payload) -> None:
-    if _QUEUE is not None:
-        _QUEUE.put((kind, payload))
-    elif kind == "log":
-        print(payload, flush=True)
-
-
-def _context(claim_id, budget, out_dir, data) -> _TrackingContext:
-    ctx = _TrackingContext(claim_id, budget, Path(out_dir), data=data,
-                           log=lambda line, _id=claim_id: _emit("log", f"  {_id}: {line}"))
-    ctx._datasets = _DATASETS
-    return ctx
-
-
-def _claim_task(ref, budget: Budget, out_dir: str, data: str) -> dict:
-    """Measure, judge and plot one claim; write and return its record (never raises)."""
-    claim = importlib.import_module(ref).CLAIM if isinstance(ref, str) else ref
-    _emit("start", claim.id)
-    out = Path(out_dir)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    record = {**_claim_text(claim), "budget": budget.name, "budget_detail": _budget_dict(budget),
-              "data": data, "code_sha1": _code_sha1(claim), "missing": [], "measured": None,
-              "verdict": "inconclusive",
-              "reason": "", "error": None, "traceback": None, "plots": [], "plot_error": None}
-    ctx = _context(claim.id, budget, out_dir, data)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    def step(self):
+        if self.finished:
+            return None
+        if self.started is None:
+            self.started = time.perf_counter()
+            self.log(f"[{self.claim.number:2d}] {self.claim.id}: started ({self.claim.title})")
+        self.ctx.run_files, self.ctx.runs_done = set(), 0
+        caught: list = []
         try:
-            measured = claim.measure(ctx)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                measured = self.claim.measure(self.ctx)
             if not isinstance(measured, dict):
                 raise TypeError(f"measure() returned {type(measured).__name__}, not a dict")
-            record["measured"] = json_safe(measured)
-            verdict, reason = claim.judge(measured)
-            if verdict not in VERDICTS[:3]:
-                raise ValueError(f"judge() returned verdict {verdict!r}, expected one of "
-                                 f"{VERDICTS[:3]}")
-            record["verdict"], record["reason"] = verdict, str(reason)
+            self.measured = json_safe(measured)
+        except PendingRuns as pending:
+            return pending.specs
         except Exception as err:
-            record["verdict"] = "inconclusive"
-            record["error"] = f"{type(err).__name__}: {err}"
-            record["reason"] = f"the measurement failed ({record['error']})"
-            record["traceback"] = traceback.format_exc()
-        record["seconds"] = round(time.perf_counter() - wall0, 2)
-        record["cpu_seconds"] = round(time.process_time() - cpu0, 2)
-        if record["error"] is None and claim.plot is not None:
-            record["plots"], record["plot_error"] = make_claim_plots(claim, record["measured"],
-                                                                     out / "plots")
-    record["runs_done"], record["runs_reused"] = ctx.runs_done, ctx.runs_reused
-    record["run_files"] = sorted({_key_to_filename(k) for k in ctx.keys_used})
-    record["warnings"] = sorted({str(w.message) for w in caught})
-    atomic_write_json(out / "claims" / f"{claim.id}.json", record)
-    _emit("finish", claim.id)
-    return record
+            self.fail(f"{type(err).__name__}: {err}", traceback.format_exc())
+            return None
+        finally:
+            self.runs_done += self.ctx.runs_done  # inline mode computes runs in measure
+            self.warnings = sorted(set(self.warnings) | {str(w.message) for w in caught})
+        self.finished = True
+        return None
+
+    def fail(self, error: str, tb: str | None = None) -> None:
+        if not self.finished:
+            self.error, self.tb, self.finished = error, tb, True
+
+    def count(self, stored: dict) -> None:
+        self.runs_done += 1
+        self.cpu_seconds += float(stored.get("cpu_seconds") or 0.0)
 
 
-def _grid_task(run: dict, budget: Budget, out_dir: str, data: str) -> dict:
-    """Train one grid configuration (cached) and return its summary record."""
-    ctx = _context("grid", budget, out_dir, data)
-    cpu0 = time.process_time()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _record(job: _ClaimJob) -> dict:
+    """The claim's record (see :mod:`normlab.report` for its keys), judged by the
+    protocol, with its plots drawn."""
+    claim, budget = job.claim, job.budget
+    rec = {**_claim_text(claim), "budget": budget.name, "budget_detail": _budget_dict(budget),
+           "data": job.data, "missing": [], "measured": job.measured, "verdict": "inconclusive",
+           "decisive": budget.decisive, "effects": [], "reason": "", "takeaway": "",
+           "error": job.error, "traceback": job.tb, "plots": [], "plot_error": None,
+           "seconds": round(time.perf_counter() - (job.started or time.perf_counter()), 2),
+           "cpu_seconds": round(job.cpu_seconds, 2), "runs_done": job.runs_done,
+           "runs_reused": max(0, len(job.ctx.run_files) - job.runs_done),
+           "run_files": sorted(job.ctx.run_files), "warnings": job.warnings}
+    if job.error is None:
         try:
-            result = ctx.train(model=run["model"], norm=run["norm"], data=data,
-                               batch_size=run["batch_size"], lr=run["lr"], steps=run["steps"],
-                               seed=run["seed"], train_kwargs=run["train_kwargs"],
-                               model_kwargs=run["model_kwargs"], tag="grid")
-            error = None
+            rec.update(judge(claim, job.measured, budget.decisive))
         except Exception as err:
-            result, error = {}, f"{type(err).__name__}: {err}"
+            rec["error"] = f"{type(err).__name__}: {err}"
+            rec["traceback"] = traceback.format_exc()
+    if rec["error"] is not None:
+        rec["verdict"], rec["decisive"] = "inconclusive", False
+        rec["reason"] = f"the measurement failed ({rec['error']})"
+        return json_safe(rec)
+    if claim.plot is not None:
+        rec["plots"], rec["plot_error"] = make_claim_plots(claim, job.measured,
+                                                           job.out / "plots")
+    return json_safe(rec)
+
+
+def _not_available(claim: Claim, missing: list, budget: Budget, data: str) -> dict:
+    return {**_claim_text(claim), "budget": budget.name, "budget_detail": _budget_dict(budget),
+            "data": data, "missing": missing, "measured": None, "verdict": "not available",
+            "decisive": False, "effects": [],
+            "reason": "needs " + ", ".join(missing) + ", which do not import yet",
+            "takeaway": "", "error": None, "traceback": None, "plots": [], "plot_error": None,
+            "seconds": 0.0, "cpu_seconds": 0.0, "runs_done": 0, "runs_reused": 0,
+            "run_files": [], "warnings": []}
+
+
+def grid_measure(ctx: RunContext, config: dict, runs: list[dict]) -> list[dict]:
+    """Every grid run's summary record (one ``ctx.map`` call for all of them)."""
+    from normlab.claims.design import train_run
+
+    results = ctx.map(train_run, [{
+        "model": r["model"], "norm": r["norm"], "data": config["data"],
+        "batch_size": r["batch_size"], "lr": r["lr"], "steps": r["steps"], "seed": r["seed"],
+        "model_kwargs": r["model_kwargs"], "train_kwargs": r["train_kwargs"], "curve": True,
+    } for r in runs])
+    return [_grid_record(r, res) for r, res in zip(runs, results, strict=True)]
+
+
+def _grid_record(run: dict, result: dict) -> dict:
     curve = result.get("curve") or {}
     evals = result.get("evals") or {}
     # The training loss of single batches is noisy (very much so at batch 2): keep the
@@ -307,24 +303,30 @@ def _grid_task(run: dict, budget: Budget, out_dir: str, data: str) -> dict:
     per_bin = max(1, math.ceil(len(steps) / 50))
     bins = [(steps[i:i + per_bin], [v for v in losses[i:i + per_bin] if v is not None])
             for i in range(0, len(steps), per_bin)]
-    loss_curve = {"step": [st[-1] for st, vs in bins if vs],
-                  "loss": [sum(vs) / len(vs) for st, vs in bins if vs]}
-    record = {
+    return {
         "norm": run["norm"], "batch_size": run["batch_size"], "lr": run["lr"],
         "lr_factor": run["lr_factor"], "seed": run["seed"], "epochs": run["epochs"],
         "steps": run["steps"], "steps_done": result.get("steps_done"),
         "final_test_acc": result.get("final_test_acc"),
         "best_test_acc": result.get("best_test_acc"),
         "final_train_loss": result.get("final_train_loss"),
-        "diverged": bool(result.get("diverged", False)), "error": error,
+        "diverged": bool(result.get("diverged", False)), "error": None,
         "seconds": result.get("wall_time_s"),
-        # CPU of this call: the training's when it ran now, ~0 when it was stored before.
-        "cpu_seconds_now": round(time.process_time() - cpu0, 3),
         "evals": {"step": evals.get("step", []), "test_acc": evals.get("test_acc", [])},
-        "loss_curve": loss_curve,
+        "loss_curve": {"step": [st[-1] for st, vs in bins if vs],
+                       "loss": [sum(vs) / len(vs) for st, vs in bins if vs]},
     }
-    return {"record": json_safe(record), "runs_done": ctx.runs_done,
-            "runs_reused": ctx.runs_reused, "warnings": sorted({str(w.message) for w in caught})}
+
+
+class _GridJob(_ClaimJob):
+    """The comparison grid as a job: one batch of runs, then the summary."""
+
+    def __init__(self, config: dict, runs: list[dict], budget, out, data, workers, log):
+        grid_claim = Claim(number=0, id="grid", title="comparison grid", statement="",
+                           source="", setup="",
+                           measure=lambda ctx: {"runs": grid_measure(ctx, config, runs)})
+        super().__init__(_Found(grid_claim), budget, out, data, workers, log)
+        self.started = time.perf_counter()
 
 
 def grid_runs(config: dict, num_train: int) -> list[dict]:
@@ -339,43 +341,66 @@ def grid_runs(config: dict, num_train: int) -> list[dict]:
                 lr = config["base_lr"] * factor
                 if config.get("lr_scaling", "linear") == "linear":
                     lr *= b / config["ref_batch"]
-                lr = float(f"{lr:.6g}")
                 for seed in config["seeds"]:
                     runs.append({"model": config["model"],
                                  "model_kwargs": dict(config.get("model_kwargs") or {}),
-                                 "norm": norm, "batch_size": b,
-                                 "lr": lr, "lr_factor": round(factor, 6), "seed": seed,
+                                 "norm": norm, "batch_size": b, "lr": float(f"{lr:.6g}"),
+                                 "lr_factor": round(factor, 6), "seed": seed,
                                  "epochs": config["epochs"], "steps": steps,
                                  "train_kwargs": train_kwargs})
     return runs
 
 
+# --------------------------------------------------------------------------- the lock
+
+
+class StudyLocked(RuntimeError):
+    """Another study is writing the folder."""
+
+
+class _FolderLock:
+    """An advisory lock on ``out/.normlab-study.lock`` (``fcntl.flock``): held while a
+    study writes the folder and released by the system when its owner dies, even by
+    SIGKILL, so a dead owner never holds it."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".normlab-study.lock"
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StudyLocked(f"normlab study: another study (pid {owner}) is writing "
+                              f"{self.path.parent}; wait for it to finish or stop it, or "
+                              "choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 # --------------------------------------------------------------------------- main
 
 
-def _reusable(record, claim: Claim, budget: Budget, data: str, out: Path) -> bool:
-    """Whether a stored claim record can stand: finished without error, with this budget,
-    data and criterion, and every run file it used present and readable (a corrupt one
-    is reported by read_json with a warning naming it)."""
-    if not isinstance(record, dict) or record.get("error") or record.get("missing"):
-        return False
-    if record.get("verdict") not in VERDICTS[:3] or "measured" not in record:
-        return False
-    if record.get("budget_detail") != _budget_dict(budget) or record.get("data") != data:
-        return False
-    if record.get("criterion") != claim.criterion or record.get("code_sha1") != _code_sha1(claim):
-        return False
-    ok = True
-    for name in record.get("run_files", []):
-        stored = read_json(out / "runs" / claim.id / name)  # warns when corrupt
-        if not (isinstance(stored, dict) and "result" in stored and "key" in stored):
-            ok = False
-    return ok
-
-
-def _start_method() -> str:
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
+def _budget_of(budget: str | Budget) -> Budget:
+    if isinstance(budget, Budget):
+        return budget
+    if budget not in BUDGETS:
+        raise ValueError(f"normlab study: unknown budget {budget!r}; "
+                         f"expected one of {sorted(BUDGETS)}")
+    return BUDGETS[budget]
 
 
 def _machine() -> dict:
@@ -408,6 +433,101 @@ def _default_command(budget: Budget, claims, data, out_dir, workers, grid) -> st
     return text
 
 
+def _plan_jobs(found, budget, out, data, workers, grid, log):
+    """The claim jobs, the records of claims that are not available, and the grid job."""
+    jobs, records = [], {}
+    for f in found:
+        missing = f.claim.missing_requirements()
+        if missing:
+            records[f.claim.id] = _not_available(f.claim, missing, budget, data)
+            atomic_write_json(out / "claims" / f"{f.claim.id}.json", records[f.claim.id])
+            log(f"[{f.claim.number:2d}] {f.claim.id}: not available (missing "
+                f"{', '.join(missing)})")
+        else:
+            jobs.append(_ClaimJob(f, budget, out, data, workers, log))
+    grid_job, gcfg = None, None
+    if grid:
+        gcfg = grid_config(budget)
+        if isinstance(grid, dict):
+            unknown = set(grid) - set(gcfg)
+            if unknown:
+                raise ValueError(f"normlab study: unknown grid settings {sorted(unknown)}; "
+                                 f"known: {sorted(gcfg)}")
+            gcfg.update(grid)
+        from normlab.claims.design import split
+
+        fit = split(data, 0)[0]
+        gcfg.update(data=data, num_train=fit.num_train, num_classes=fit.num_classes)
+        grid_job = _GridJob(gcfg, grid_runs(gcfg, fit.num_train), budget, out, data, workers,
+                            log)
+    return jobs, records, grid_job, gcfg
+
+
+def _progress(jobs, grid_job, log, t0):
+    """``on_run`` for execute_jobs: counts each computed run against its job."""
+    by_file = {}
+    counter = {"n": 0}
+
+    def on_run(stored: dict) -> None:
+        counter["n"] += 1
+        from normlab.claims.base import RunSpec
+
+        name = RunSpec(stored["fn"], stored["kwargs"], stored["key"]).filename
+        if not by_file:
+            for job in jobs + ([grid_job] if grid_job else []):
+                for f in job.ctx.run_files:
+                    by_file.setdefault(f, job)
+        job = by_file.get(name)
+        if job is None:  # asked for after the index was built
+            job = next((j for j in jobs + ([grid_job] if grid_job else [])
+                        if name in j.ctx.run_files), None)
+            by_file.clear()
+        if job is not None:
+            job.count(stored)
+        if counter["n"] % 50 == 0:
+            log(f"  {counter['n']} runs computed ({time.perf_counter() - t0:.0f} s)")
+    return on_run
+
+
+def _finish_claims(jobs, records, out, log):
+    for job in jobs:
+        rec = _record(job)
+        records[job.claim.id] = rec
+        atomic_write_json(out / "claims" / f"{job.claim.id}.json", rec)
+        extra = f" [error: {rec['error']}]" if rec.get("error") else ""
+        log(f"[{rec['number']:2d}] {rec['id']}: {rec['verdict']} ({rec['runs_done']} runs "
+            f"computed, {rec['runs_reused']} reused, {rec['cpu_seconds']:.0f} s CPU){extra}")
+
+
+def _write_meta(out, budget, data, workers, found, grid, started, wall, counters, command):
+    previous = read_json(out / "study.json")
+    history = previous.get("history", []) if isinstance(previous, dict) else []
+    history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
+                           "runs_done": counters["runs_done"],
+                           "runs_reused": counters["runs_reused"]}])[-20:]
+    from normlab import __version__
+
+    meta = {
+        "budget": budget.name, "budget_detail": _budget_dict(budget), "data": data,
+        "out_dir": str(out), "workers": workers,
+        "start_method": start_method() if workers else "inline",
+        "claims": [f.claim.id for f in found], "grid": bool(grid),
+        "started_at": started, "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "wall_seconds": wall, "runs_done": counters["runs_done"],
+        "runs_reused": counters["runs_reused"], "history": history, "machine": _machine(),
+        "code_hash": code_hash(), "normlab_version": __version__, "command": command,
+    }
+    atomic_write_json(out / "study.json", meta)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"normlab study: --out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"normlab study: cannot write into {out} (permission denied)")
+
+
 def run_study(
     out_dir: str | os.PathLike = "normlab-study",
     budget: str | Budget = "default",
@@ -424,7 +544,7 @@ def run_study(
         out_dir: the study folder (created; an existing one is resumed).
         budget: "quick", "default", "full" or a :class:`Budget`.
         claims: None for every claim, else ids, numbers or :class:`Claim` objects.
-        data: the dataset of the grid and of the claims that let the user choose.
+        data: the dataset of the grid.
         workers: worker processes (0: run everything in this process, for debugging).
             They start by ``forkserver`` (``spawn`` where there is none), so a script
             calling this with workers > 0 needs the ``if __name__ == "__main__":`` guard.
@@ -437,249 +557,63 @@ def run_study(
         A summary: ``out_dir``, ``report`` (path of index.html), ``claims`` (the
         records), ``grid`` (grid.json's content or None), ``runs_done``,
         ``runs_reused``, ``warnings`` and ``wall_seconds``.
+
+    Raises:
+        StudyLocked: another study is writing ``out_dir``.
+        ValueError: a bad argument, or ``out_dir`` is a file or not writable.
     """
-    if isinstance(budget, str):
-        if budget not in BUDGETS:
-            raise ValueError(f"normlab study: unknown budget {budget!r}; "
-                             f"expected one of {sorted(BUDGETS)}")
-        budget = BUDGETS[budget]
+    budget = _budget_of(budget)
     if workers < 0:
         raise ValueError(f"normlab study: workers must be >= 0, got {workers}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
+    found = select_claims(claims, log)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = _in_main_thread()
+    with _FolderLock(out):
+        if in_main:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return _run_locked(out, budget, found, claims, data, workers, grid, log, command)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_locked(out, budget, found, claims, data, workers, grid, log, command) -> dict:
     t0 = time.perf_counter()
     started = _dt.datetime.now().isoformat(timespec="seconds")
-    found = select_claims(claims, log)
-    seen_warnings: list[str] = []
-
-    def warn(msg: str) -> None:
-        if msg not in seen_warnings:
-            seen_warnings.append(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            log(f"warning: {msg}")
-
-    # Which claims to measure, which to reuse, which are not available.
-    records: dict[str, dict] = {}
-    to_run: list[_Found] = []
-    for f in found:
-        c = f.claim
-        missing = c.missing_requirements()
-        path = out / "claims" / f"{c.id}.json"
-        if missing:
-            rec = {**_claim_text(c), "budget": budget.name, "budget_detail": _budget_dict(budget),
-                   "data": data, "missing": missing, "measured": None,
-                   "verdict": "not available", "reason": "needs " + ", ".join(missing)
-                   + ", which do not import yet", "error": None, "traceback": None,
-                   "plots": [], "plot_error": None, "seconds": 0.0, "cpu_seconds": 0.0,
-                   "runs_done": 0, "runs_reused": 0, "run_files": [], "warnings": []}
-            atomic_write_json(path, rec)
-            records[c.id] = rec
-            log(f"[{c.number:2d}] {c.id}: not available (missing {', '.join(missing)})")
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            stored = read_json(path)
-            reuse = _reusable(stored, c, budget, data, out)
-        for w in caught:
-            warn(str(w.message))
-        if reuse:
-            if any(stored.get(k) != v for k, v in _claim_text(c).items()):
-                stored.update(_claim_text(c))  # refresh the words; the numbers stand
-                atomic_write_json(path, stored)
-            records[c.id] = stored
-            log(f"[{c.number:2d}] {c.id}: {stored['verdict']} (stored result reused)")
-        else:
-            to_run.append(f)
-
-    # The grid's runs.
-    gcfg = None
-    runs: list[dict] = []
-    if grid:
-        gcfg = grid_config(budget)
-        if isinstance(grid, dict):
-            unknown = set(grid) - set(gcfg)
-            if unknown:
-                raise ValueError(f"normlab study: unknown grid settings {sorted(unknown)}; "
-                                 f"known: {sorted(gcfg)}")
-            gcfg.update(grid)
-        from normlab import data as data_mod
-
-        ds = data_mod.load(data, seed=0)
-        gcfg["data"], gcfg["num_train"], gcfg["num_classes"] = data, ds.num_train, ds.num_classes
-        runs = grid_runs(gcfg, ds.num_train)
-
-    tasks = [("claim", f.claim.id, (f.module or f.claim, budget, str(out), data), f)
-             for f in to_run]
-    tasks += [("grid", i, (r, budget, str(out), data), None) for i, r in enumerate(runs)]
-    if tasks:
-        log(f"normlab study: {len(to_run)} claim(s) to measure, {len(records)} done or not "
-            f"available, {len(runs)} grid runs; budget {budget.name}, data {data}, "
-            f"{workers} worker(s)")
-    grid_records: list[dict | None] = [None] * len(runs)
-    counters = {"runs_done": 0, "runs_reused": 0}
-    done_claims = len(records)
-    n_claims = len(found)
-    grid_done = 0
-
-    def on_result(task, result, err) -> None:
-        nonlocal done_claims, grid_done
-        kind, name, args, f = task
-        if kind == "claim":
-            if err is not None:  # the worker died (or could not unpickle the claim)
-                c = f.claim
-                result = {**_claim_text(c), "budget": budget.name,
-                          "budget_detail": _budget_dict(budget), "data": data, "missing": [],
-                          "measured": None, "verdict": "inconclusive",
-                          "reason": f"the measurement failed ({err})", "error": err,
-                          "traceback": None, "plots": [], "plot_error": None, "seconds": None,
-                          "cpu_seconds": None, "runs_done": 0, "runs_reused": 0,
-                          "run_files": [], "warnings": []}
-                atomic_write_json(out / "claims" / f"{c.id}.json", result)
-            records[name] = result
-            done_claims += 1
-            for w in result.get("warnings", []):
-                warn(w)
-            counters["runs_done"] += result.get("runs_done", 0)
-            counters["runs_reused"] += result.get("runs_reused", 0)
-            extra = f" [error: {result['error']}]" if result.get("error") else ""
-            log(f"[{result['number']:2d}] {name}: {result['verdict']} in "
-                f"{result.get('seconds') or 0:.1f} s ({result.get('cpu_seconds') or 0:.1f} s CPU, "
-                f"{result.get('runs_done', 0)} runs done, {result.get('runs_reused', 0)} reused)"
-                f" ({done_claims}/{n_claims}){extra}")
-        else:
-            if err is not None:
-                r = args[0]
-                result = {"record": {**{k: r[k] for k in ("norm", "batch_size", "lr",
-                                                         "lr_factor", "seed", "epochs",
-                                                         "steps")},
-                                     "final_test_acc": None, "diverged": False, "error": err,
-                                     "seconds": None},
-                          "runs_done": 0, "runs_reused": 0, "warnings": []}
-            grid_records[name] = result["record"]
-            for w in result["warnings"]:
-                warn(w)
-            counters["runs_done"] += result["runs_done"]
-            counters["runs_reused"] += result["runs_reused"]
-            grid_done += 1
-            if grid_done == len(runs) or grid_done % max(1, len(runs) // 10) == 0:
-                log(f"grid: {grid_done}/{len(runs)} runs ({time.perf_counter() - t0:.0f} s)")
-
-    def on_start(claim_id: str) -> None:
-        f = next(f for f in to_run if f.claim.id == claim_id)
-        log(f"[{f.claim.number:2d}] {claim_id}: started ({f.claim.title})")
-
-    _execute(tasks, workers, on_result, on_start, log)
-
+    jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, workers, grid, log)
+    log(f"normlab study: {len(jobs)} claim(s), {'a grid, ' if grid_job else ''}budget "
+        f"{budget.name} ({budget.seeds} seeds), "
+        f"{workers} worker(s); code {code_hash()[:12]}")
+    all_jobs = jobs + ([grid_job] if grid_job else [])
+    execute_jobs(all_jobs, workers, out / "runs", on_run=_progress(jobs, grid_job, log, t0))
+    _finish_claims(jobs, records, out, log)
     summary_grid = None
-    if gcfg is not None:
-        summary_grid = {"config": gcfg, "runs": grid_records}
+    if grid_job is not None:
+        if grid_job.error:
+            raise RuntimeError(f"normlab study: the grid failed: {grid_job.error}")
+        summary_grid = {"config": gcfg, "runs": grid_job.measured["runs"]}
         atomic_write_json(out / "grid.json", json_safe(summary_grid))
-
+    counters = {"runs_done": sum(j.runs_done for j in all_jobs),
+                "runs_reused": sum(max(0, len(j.ctx.run_files) - j.runs_done)
+                                   for j in all_jobs)}
     wall = round(time.perf_counter() - t0, 1)
-    previous = read_json(out / "study.json")
-    history = previous.get("history", []) if isinstance(previous, dict) else []
-    history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
-                           "runs_done": counters["runs_done"],
-                           "runs_reused": counters["runs_reused"]}])[-20:]
-    meta = {
-        "budget": budget.name, "budget_detail": _budget_dict(budget), "data": data,
-        "out_dir": str(out), "workers": workers,
-        "start_method": _start_method() if workers else "inline",
-        "claims": [f.claim.id for f in found], "grid": bool(grid),
-        "started_at": started, "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
-        "wall_seconds": wall, "runs_done": counters["runs_done"],
-        "runs_reused": counters["runs_reused"], "history": history, "machine": _machine(),
-        "command": command or _default_command(budget, claims, data, out, workers, grid),
-    }
-    atomic_write_json(out / "study.json", meta)
-    claim_objs = {f.claim.id: f.claim for f in found}
-    report_path = write_report(out, claims=claim_objs, log=log)
+    _write_meta(out, budget, data, workers, found, grid, started, wall, counters,
+                command or _default_command(budget, claims, data, out, workers, grid))
+    report_path = write_report(out, claims={f.claim.id: f.claim for f in found}, log=log)
     ordered = sorted(records.values(), key=lambda r: r["number"])
+    warns = sorted({w for r in ordered for w in r.get("warnings", [])})
     return {"out_dir": str(out), "report": str(report_path), "claims": ordered,
             "grid": summary_grid, "runs_done": counters["runs_done"],
-            "runs_reused": counters["runs_reused"], "warnings": seen_warnings,
-            "wall_seconds": wall}
-
-
-def _execute(tasks: list, workers: int, on_result, on_start, log) -> None:
-    """Run ``tasks`` (kind, name, args, found) and call ``on_result(task, result, error)``
-    for each, in completion order. A task lost with its worker (the process died) is
-    retried once in a fresh pool, then recorded as an error."""
-    funcs = {"claim": _claim_task, "grid": _grid_task}
-    if not tasks:
-        return
-    if workers == 0:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for task in tasks:
-                if task[0] == "claim":
-                    on_start(task[1])
-                on_result(task, funcs[task[0]](*task[2]), None)
-        finally:
-            torch.set_num_threads(threads)
-        return
-
-    mp = multiprocessing.get_context(_start_method())
-    if mp.get_start_method() == "forkserver":
-        # Import the heavy modules once in the fork server, not in every worker (a
-        # module that fails to import here is skipped silently by multiprocessing).
-        # Importing pyplot does not pick a backend; plots call matplotlib.use("Agg").
-        # torch._dynamo is what the first optimizer step imports (1.2 s of CPU).
-        mp.set_forkserver_preload(["torch", "torch._dynamo", "sklearn.datasets",
-                                   "matplotlib.pyplot",
-                                   "normlab.claims.base", "normlab.train", "normlab.models",
-                                   "normlab.data", "normlab.study"])
-    pending = list(tasks)
-    attempts: dict[int, int] = {}
-    while pending:
-        queue = mp.Queue()
-        lost = []
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp,
-                                    initializer=_init_worker, initargs=(queue,)) as ex:
-            futures = {ex.submit(funcs[t[0]], *t[2]): t for t in pending}
-            try:
-                while futures:
-                    done, _ = cf.wait(futures, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-                    _drain(queue, on_start, log)
-                    for fut in done:
-                        task = futures.pop(fut)
-                        try:
-                            result, err = fut.result(), None
-                        except cf.process.BrokenProcessPool as e:
-                            attempts[id(task)] = attempts.get(id(task), 0) + 1
-                            if attempts[id(task)] < 2:
-                                lost.append(task)
-                                continue
-                            result, err = None, f"worker process died ({e})"
-                        except Exception as e:  # e.g. the task could not be pickled
-                            result, err = None, f"{type(e).__name__}: {e}"
-                        on_result(task, result, err)
-                _drain(queue, on_start, log)
-            except BaseException:  # Ctrl-C: stop now; finished runs are already stored
-                ex.shutdown(wait=False, cancel_futures=True)
-                raise
-        if lost:
-            log(f"normlab study: a worker process died; retrying {len(lost)} task(s)")
-        pending = lost
-
-
-def _drain(queue, on_start, log) -> None:
-    import queue as queue_mod
-
-    while True:
-        try:
-            kind, payload = queue.get_nowait()
-        except queue_mod.Empty:
-            return
-        except (EOFError, OSError):
-            return
-        if kind == "start":
-            on_start(payload)
-        elif kind == "log":
-            log(payload)
+            "runs_reused": counters["runs_reused"], "warnings": warns, "wall_seconds": wall}
 
 
 def format_claims_table(records: Sequence[dict], width: int = 100) -> str:
