@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[lab,test,export]'
+	$(PY) -m pip install --quiet -e '.[lab,test,export,cluster]'
 	touch $(STAMP)
 
 study: $(STAMP)

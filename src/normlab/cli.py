@@ -299,6 +299,12 @@ def _add_study(sub) -> None:
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes, one torch thread each (default 2)")
     p.add_argument("--no-grid", action="store_true", help="skip the comparison grid")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the runs go: local worker processes (default) or a Ray "
+                   "cluster, one task a run (pip install 'normlab[cluster]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join (auto, HOST:PORT); default: start a local "
+                   "one with --workers CPUs on 127.0.0.1")
     p.set_defaults(run=_run_study)
 
 
@@ -316,15 +322,20 @@ def _run_study(args) -> int:
         parts.append("--no-grid")
     if args.workers != 2:
         parts += ["--workers", str(args.workers)]
+    if args.executor != "local":
+        parts += ["--executor", args.executor]
+    if args.ray_address:
+        parts += ["--ray-address", args.ray_address]
     parts += ["--out", args.out]
     try:
         summary = run_study(args.out, budget=args.budget, claims=args.claims, data=args.data,
                             workers=args.workers, grid=not args.no_grid,
-                            command=" ".join(shlex.quote(x) for x in parts))
+                            command=" ".join(shlex.quote(x) for x in parts),
+                            executor=args.executor, ray_address=args.ray_address)
     except StudyLocked as e:
         print(f"{e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"normlab study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

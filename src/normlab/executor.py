@@ -31,7 +31,10 @@ from pathlib import Path
 
 from normlab.claims.base import RunSpec, atomic_write_json, execute
 
-__all__ = ["execute_jobs", "start_method"]
+__all__ = ["execute_jobs", "start_method", "EXECUTORS"]
+
+#: The executors: local worker processes (the default) or a Ray cluster.
+EXECUTORS = ("local", "ray")
 
 
 def start_method() -> str:
@@ -137,11 +140,25 @@ def _short(kwargs: dict, limit: int = 160) -> str:
 
 
 def execute_jobs(jobs: Sequence, workers: int, run_dir: str | os.PathLike,
-                 on_run: Callable[[dict], None] = lambda stored: None) -> None:
+                 on_run: Callable[[dict], None] = lambda stored: None,
+                 executor: str = "local", ray_address: str | None = None) -> None:
     """Step ``jobs`` until each has finished, computing their runs on ``workers``
     processes (0: in this process, one after the other). ``on_run(stored)`` is called
-    after each computed run is written (for progress)."""
+    after each computed run is written (for progress).
+
+    ``executor="ray"`` sends each run to a Ray cluster instead (``ray_address``, or a
+    local cluster of ``workers`` CPUs on 127.0.0.1 when None), one CPU a run; the
+    results come back here and this process writes them, as with local workers.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"normlab study: unknown executor {executor!r}; expected one of "
+                         f"{EXECUTORS}")
     sched = _Scheduler(jobs, Path(run_dir), on_run)
+    if executor == "ray":
+        from normlab.ray_executor import execute_on_ray
+
+        execute_on_ray(sched, workers, ray_address)
+        return
     if workers == 0:
         _execute_inline(sched)
         return

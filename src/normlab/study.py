@@ -197,7 +197,7 @@ class _ClaimJob:
                  log: Callable[[str], None]):
         self.claim = found.claim
         self.budget, self.out, self.data, self.log = budget, out, data, log
-        self.ctx = RunContext(self.claim.id, budget, out, data=data, plan=workers > 0,
+        self.ctx = RunContext(self.claim.id, budget, out, data=data, plan=bool(workers),
                               log=lambda line, _id=self.claim.id: log(f"  {_id}: {line}"))
         self.error: str | None = None
         self.tb: str | None = None
@@ -499,7 +499,8 @@ def _finish_claims(jobs, records, out, log):
             f"computed, {rec['runs_reused']} reused, {rec['cpu_seconds']:.0f} s CPU){extra}")
 
 
-def _write_meta(out, budget, data, workers, found, grid, started, wall, counters, command):
+def _write_meta(out, budget, data, workers, found, grid, started, wall, counters, command,
+                executor):
     previous = read_json(out / "study.json")
     history = previous.get("history", []) if isinstance(previous, dict) else []
     history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
@@ -509,7 +510,7 @@ def _write_meta(out, budget, data, workers, found, grid, started, wall, counters
 
     meta = {
         "budget": budget.name, "budget_detail": _budget_dict(budget), "data": data,
-        "out_dir": str(out), "workers": workers,
+        "out_dir": str(out), "workers": workers, "executor": executor,
         "start_method": start_method() if workers else "inline",
         "claims": [f.claim.id for f in found], "grid": bool(grid),
         "started_at": started, "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -537,6 +538,8 @@ def run_study(
     grid: bool | dict = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Run the claims and the comparison grid into ``out_dir`` and write the report.
 
@@ -552,6 +555,12 @@ def run_study(
             entries of :func:`grid_config` (e.g. ``{"norms": ["bn", "gn"]}``).
         log: where progress lines go.
         command: the command line shown in the report under "how to reproduce".
+        executor: ``"local"`` (worker processes on this machine) or ``"ray"`` (one Ray
+            task a run, on the cluster at ``ray_address`` or on a local one of
+            ``workers`` CPUs; see :mod:`normlab.ray_executor`). Both give the same
+            results: every run is deterministic given its arguments.
+        ray_address: the Ray cluster to join (``"auto"``, ``"HOST:PORT"``); None starts
+            a local one.
 
     Returns:
         A summary: ``out_dir``, ``report`` (path of index.html), ``claims`` (the
@@ -574,7 +583,8 @@ def run_study(
         if in_main:
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            return _run_locked(out, budget, found, claims, data, workers, grid, log, command)
+            return _run_locked(out, budget, found, claims, data, workers, grid, log, command,
+                               executor, ray_address)
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
@@ -586,15 +596,18 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _run_locked(out, budget, found, claims, data, workers, grid, log, command) -> dict:
+def _run_locked(out, budget, found, claims, data, workers, grid, log, command, executor,
+                ray_address) -> dict:
     t0 = time.perf_counter()
     started = _dt.datetime.now().isoformat(timespec="seconds")
-    jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, workers, grid, log)
+    plan = workers > 0 or executor != "local"
+    jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, plan, grid, log)
     log(f"normlab study: {len(jobs)} claim(s), {'a grid, ' if grid_job else ''}budget "
         f"{budget.name} ({budget.seeds} seeds), "
-        f"{workers} worker(s); code {code_hash()[:12]}")
+        f"{workers} worker(s) ({executor}); code {code_hash()[:12]}")
     all_jobs = jobs + ([grid_job] if grid_job else [])
-    execute_jobs(all_jobs, workers, out / "runs", on_run=_progress(jobs, grid_job, log, t0))
+    execute_jobs(all_jobs, workers, out / "runs", on_run=_progress(jobs, grid_job, log, t0),
+                 executor=executor, ray_address=ray_address)
     _finish_claims(jobs, records, out, log)
     summary_grid = None
     if grid_job is not None:
@@ -607,7 +620,8 @@ def _run_locked(out, budget, found, claims, data, workers, grid, log, command) -
                                    for j in all_jobs)}
     wall = round(time.perf_counter() - t0, 1)
     _write_meta(out, budget, data, workers, found, grid, started, wall, counters,
-                command or _default_command(budget, claims, data, out, workers, grid))
+                command or _default_command(budget, claims, data, out, workers, grid),
+                executor)
     report_path = write_report(out, claims={f.claim.id: f.claim for f in found}, log=log)
     ordered = sorted(records.values(), key=lambda r: r["number"])
     warns = sorted({w for r in ordered for w in r.get("warnings", [])})
