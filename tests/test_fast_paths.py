@@ -154,11 +154,11 @@ def test_float_sum_kernels_are_kept_or_redone_within_1e4(case, offset):
 
 
 def test_channels_last_batch_norm_shifts_only_when_the_bound_asks(monkeypatch):
-    from normlab.functional import core
+    from normlab.functional import fastpath
 
     shifts = []
-    original = core._first_value_per_channel
-    monkeypatch.setattr(core, "_first_value_per_channel",
+    original = fastpath._first_value_per_channel
+    monkeypatch.setattr(fastpath, "_first_value_per_channel",
                         lambda t: shifts.append(1) or original(t))
     bn = nl.BatchNorm(8)
     bn(_input((8, 8, 16, 16), layout="cl", offset=2.0))  # R = 2: the kernel's sums are fine

@@ -1,7 +1,13 @@
-"""The one place where normlab computes moments.
+"""The one place where normlab computes moments itself.
 
-Every layer gets its mean and variance from :func:`moments` (or its mean square from
-:func:`mean_square`), so a numerical fix made here reaches every layer at once.
+Every reference path (``path="reference"``, masked input, the synchronised layers,
+other devices than the CPU) gets its mean and variance from :func:`moments` (or its mean
+square from :func:`mean_square`), so a numerical fix made here reaches every one of
+them at once. The default CPU path of the batch, instance, layer and group norms
+hands the call to torch's own kernel instead where that is measured to be as accurate
+(:mod:`normlab.functional.fastpath`, with the accuracy note and the shift-and-redo
+that keeps it so), and the opt-in fused kernels (``fused=True``, :mod:`normlab.kernels`)
+compute theirs in C++ from shifted sums; the tests hold both to float64 references.
 
 Numerics
 --------

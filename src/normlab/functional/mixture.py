@@ -1,7 +1,7 @@
 """Learned mixtures of normalizers: Switchable Normalization and Attentive Normalization.
 
 Both start from the *instance* moments (per sample and channel, over the trailing
-dimensions), taken once (:func:`normlab.functional.core.instance_moments_fast`: torch's
+dimensions), taken once (:func:`normlab.functional.fastpath.instance_moments_fast`: torch's
 native group norm per channel where it is robust, else :mod:`normlab.stats`). Every coarser
 statistic (layer, group, batch) is derived from them exactly by the law of total
 variance over equal-sized groups,
@@ -21,12 +21,9 @@ from torch import Tensor
 from torch.nn import functional as tnf
 
 from normlab import stats
-from normlab.functional.core import (
-    batch_norm,
-    instance_moments_fast,
-    normalize,
-    update_running_,
-)
+from normlab.functional.common import normalize, update_running_
+from normlab.functional.core import batch_norm
+from normlab.functional.fastpath import instance_moments_fast
 
 __all__ = [
     "SWITCHABLE_TERMS",

@@ -15,7 +15,7 @@ coefficient takes a chunked cumulative sum instead, and so do coefficients all i
 (0, 1] with a cumulative product). The scans run on per-(sample, channel) statistics.
 In :func:`online_norm` the full-size work is the per-sample moments and
 :math:`\hat x = (x - m)/s` (torch's native group norm with one group per channel,
-:func:`normlab.functional.core.instance_normalized`) and one multiply-add forward, and
+:func:`normlab.functional.fastpath.instance_normalized`) and one multiply-add forward, and
 in backward two reductions (means of g and g * x_hat per sample) and two fused
 multiply-adds over x_hat and g. :func:`online_norm_step` (what ``OnlineNorm`` trains
 with, ECM "ls" or None) takes the affine and layer scaling into the same function and
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from normlab import stats
-from normlab.functional.core import instance_normalized, normalize, update_running_
+from normlab.functional.common import normalize, update_running_
+from normlab.functional.fastpath import instance_normalized
 
 __all__ = ["linear_scan", "online_norm", "online_norm_step", "layer_scaling",
            "activation_clamp"]

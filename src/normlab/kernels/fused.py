@@ -14,7 +14,7 @@ from torch import Tensor
 
 from normlab import stats
 from normlab.functional.core import batch_norm as _default_batch_norm
-from normlab.functional.core import update_running_pair_
+from normlab.functional.fastpath import update_running_pair_
 from normlab.kernels._build import load_library
 from normlab.kernels._tensors import DTYPES as _DTYPES
 from normlab.kernels._tensors import layout as _layout
