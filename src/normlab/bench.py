@@ -39,12 +39,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch import nn as tnn
-from torch.nn import functional as tnf
 
 import normlab
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import nn as nl
 
 __all__ = ["run", "BenchResult", "LAYERS", "DEFAULT_SHAPES", "QUICK_SHAPES", "saved_bytes",
@@ -153,7 +153,7 @@ class _Composite(tnn.Module):
             xhat = (x - mean) / torch.sqrt(var + EPS)
             im, iv = self._stats(x, _dims(x, 2))
             s = (im / torch.sqrt(iv + 1e-3)).flatten(1)
-            lam = tnf.hardsigmoid(self.att_bn(s @ self.proj.t()))
+            lam = F.hardsigmoid(self.att_bn(s @ self.proj.t()))
             per_sample = (x.shape[0], -1) + (1,) * (x.dim() - 2)
             gamma, beta = (lam @ self.gamma).view(per_sample), (lam @ self.beta).view(per_sample)
             return (xhat * gamma + beta).to(dtype)
@@ -233,16 +233,16 @@ class _Functional(tnn.Module):
     def forward(self, x: Tensor) -> Tensor:
         k, w, b = self.kind, self.weight, self.bias
         if k == "batch":
-            return F.batch_norm(x, self.running_mean, self.running_var, w, b, self.training,
+            return NF.batch_norm(x, self.running_mean, self.running_var, w, b, self.training,
                                 0.1, EPS, path="reference")
         if k == "layer":
-            return F.layer_norm(x, w, b, EPS, path="reference")
+            return NF.layer_norm(x, w, b, EPS, path="reference")
         if k == "channel_layer":
-            return F.channel_layer_norm(x, w, b, EPS, path="reference")
+            return NF.channel_layer_norm(x, w, b, EPS, path="reference")
         if k == "instance":
-            return F.instance_norm(x, None, None, None, None, True, 0.1, EPS, path="reference")
+            return NF.instance_norm(x, None, None, None, None, True, 0.1, EPS, path="reference")
         if k == "group":
-            return F.group_norm(x, 32, w, b, EPS, path="reference")
+            return NF.group_norm(x, 32, w, b, EPS, path="reference")
         raise ValueError(k)
 
 

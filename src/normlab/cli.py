@@ -19,9 +19,9 @@ def _add_list(sub) -> None:
 
 
 def _run_list(args) -> int:
-    from normlab.registry import _SPECS
+    from normlab.registry import get_norm_spec, list_norms
 
-    for spec in _SPECS.values():
+    for spec in map(get_norm_spec, list_norms()):
         aliases = ", ".join(spec.aliases)
         suffix = f"  [aliases: {aliases}]" if aliases else ""
         print(f"{spec.name:16s} {spec.description}{suffix}")

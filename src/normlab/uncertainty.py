@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import stats
 from normlab.nn.base import NormBase
 from normlab.nn.batch import BatchNorm, BatchRenorm
@@ -129,7 +129,7 @@ class _MCLayer:
 
     def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         layer = self.layer
-        F.check_input(x, _num_channels(layer), self.name)
+        NF.check_input(x, _num_channels(layer), self.name)
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         if self.phase == "capture":
             if mask is None and x.numel() // x.shape[1] == 1:
@@ -151,7 +151,7 @@ class _MCLayer:
         self.calls += 1
         weight = None if layer.weight is None else layer.weight.view(shape)
         bias = None if layer.bias is None else layer.bias.view(shape)
-        return F.normalize(x, mean.view(shape), var.view(shape), layer.eps, weight, bias)
+        return NF.normalize(x, mean.view(shape), var.view(shape), layer.eps, weight, bias)
 
 
 def _first_tensor(batch, index: int) -> Tensor:
@@ -468,7 +468,7 @@ class StochasticNormalization(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        F.check_input(x, self.num_channels, f"StochasticNormalization({self.num_channels})")
+        NF.check_input(x, self.num_channels, f"StochasticNormalization({self.num_channels})")
         shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
         if self.training:
             s, u = sample_batch_noise(self.num_channels, self.batch_size, x.device,

@@ -61,7 +61,7 @@ def _batch_moments(
     x: Tensor, mask: Tensor | None, name: str, moments_fn=None
 ) -> stats.Moments:
     # moments_fn(x, dims, mask=mask) -> Moments replaces stats.moments, e.g. with the
-    # all-rank moments of normlab.nn.sync; the size check then uses its (global) count.
+    # all-rank moments of normlab.nn.sync_stats; the size check then uses its (global) count.
     dims = (0,) + tuple(range(2, x.dim()))
     if moments_fn is not None:
         m = moments_fn(x, dims, mask=mask)
@@ -119,7 +119,7 @@ def batch_norm(
 
     ``moments_fn(x, dims, mask=mask) -> Moments``, if given, replaces
     :func:`normlab.stats.moments` for the batch statistics (the synchronisation hook
-    of :mod:`normlab.nn.sync`: :func:`~normlab.nn.sync.sync_moments` gives the
+    of :mod:`normlab.nn.sync_stats`: :func:`~normlab.nn.sync_stats.sync_moments` gives the
     moments over all ranks, and the running variance then uses the global count).
 
     ``path="auto"`` (default) uses torch's native CPU kernel where it is as robust as
@@ -215,7 +215,7 @@ def batch_renorm(
 
     ``moments_fn(x, dims, mask=mask) -> Moments``, if given, replaces
     :func:`normlab.stats.moments` for the batch statistics (the synchronisation hook:
-    :func:`normlab.nn.sync.sync_moments` makes them the moments over all ranks).
+    :func:`normlab.nn.sync_stats.sync_moments` makes them the moments over all ranks).
     """
     shape = channel_shape(x)
     w = None if weight is None else weight.view(shape)
@@ -418,7 +418,7 @@ def group_norm(
     spatial = x.shape[2:]
     grouped_shape = (n, num_groups, c // num_groups) + tuple(spatial)
     xg = x.reshape(grouped_shape)
-    mg = None if mask is None else stats._check_mask(x, mask).reshape(grouped_shape)
+    mg = None if mask is None else stats.check_mask(x, mask).reshape(grouped_shape)
     mean, var, _ = stats.moments(xg, tuple(range(2, xg.dim())), mask=mg)  # mu_{n,g}, ...
     affine_shape = (1, num_groups, c // num_groups) + (1,) * len(spatial)
     w = None if weight is None else weight.view(affine_shape)

@@ -45,8 +45,8 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.nn import functional as tnf
 
 from normlab import stats
 from normlab.functional.common import (
@@ -446,7 +446,7 @@ def channel_layer_norm(
     last (timm's LayerNorm2d; no copy for channels_last input), or None."""
     if x.shape[1] <= 1 or not _native_ok(x, weight, bias):
         return None
-    return tnf.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps).movedim(-1, 1)
+    return F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps).movedim(-1, 1)
 
 
 def group_norm(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.optim.lr_scheduler import LRScheduler
 
-from normlab.nn.weight import _output_unit_dim, _wn_list
+from normlab.nn.weight import output_unit_dim, weight_norm_list
 from normlab.stats import moments
 
 __all__ = [
@@ -40,7 +40,7 @@ def _wn_layers(model: nn.Module, fn: str) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
     layers = []
     for name, module in model.named_modules():
-        plist = _wn_list(module, "weight")
+        plist = weight_norm_list(module, "weight")
         if plist is None:
             continue
         label = name or type(module).__name__.removeprefix("Parametrized")
@@ -49,7 +49,7 @@ def _wn_layers(model: nn.Module, fn: str) -> list[tuple[str, nn.Module]]:
                 f"{fn}: layer '{label}' ({type(module).__name__}) is weight-normalized but is "
                 "not a Linear or convolution layer"
             )
-        unit_dim = _output_unit_dim(module)
+        unit_dim = output_unit_dim(module)
         if plist[0].dim != unit_dim:
             raise ValueError(
                 f"{fn}: layer '{label}' is weight-normalized over dim={plist[0].dim}, but its "
@@ -303,7 +303,7 @@ def arpit_init_(
             raise ValueError(f"arpit_init_: layer '{label}' gain must be positive, got {gain}")
         fan_in, fan_out = _fans(module)
         g, v = _g_v(module)
-        unit = _output_unit_dim(module)
+        unit = output_unit_dim(module)
         moved = v.movedim(unit, 0)
         q = torch.empty(moved.shape[0], moved[0].numel(), dtype=torch.float64)
         nn.init.orthogonal_(q, generator=generator)
