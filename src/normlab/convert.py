@@ -72,7 +72,9 @@ def is_norm_layer(module: nn.Module) -> bool:
     ) or _is_frozen_bn(module)
 
 
-def _num_channels(module: nn.Module) -> int | None:
+def num_channels_of(module: nn.Module) -> int | None:
+    """The channel count of a normalization layer (normlab's, torch.nn's batch, instance,
+    group and one-dimension layer norms, frozen batch norms), or None if it has none."""
     if isinstance(module, nlnn.NormBase):
         return module.num_channels
     if isinstance(module, _NormBase):
@@ -171,7 +173,7 @@ def swap_norm(
         if id(old) in memo:
             return memo[id(old)]
         old_desc = _describe(old)
-        channels = _num_channels(old)
+        channels = num_channels_of(old)
         if channels is None:
             replacements.append(Replacement(path, old_desc, None, "channel count unknown"))
             return None

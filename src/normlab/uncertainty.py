@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from normlab import functional as NF
 from normlab import stats
-from normlab.nn.base import NormBase
+from normlab.convert import num_channels_of
+from normlab.functional.common import batch_dims, channel_shape
 from normlab.nn.batch import BatchNorm, BatchRenorm
 
 __all__ = [
@@ -103,17 +104,13 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _num_channels(layer: nn.Module) -> int:
-    return layer.num_channels if isinstance(layer, NormBase) else layer.num_features
-
-
 class _MCLayer:
     """Replaces a BatchNorm layer's forward during :func:`mc_batchnorm`: "capture"
     normalizes with the batch's own statistics and stores them; "predict" normalizes
     with the stored statistics."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
-        self.name = f"{name} ({type(layer).__name__}({_num_channels(layer)}))"
+        self.name = f"{name} ({type(layer).__name__}({num_channels_of(layer)}))"
         self.layer = layer
         self.phase = "capture"
         # One (mean, var) per call, replayed in the same order when predicting, so a
@@ -129,8 +126,8 @@ class _MCLayer:
 
     def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         layer = self.layer
-        NF.check_input(x, _num_channels(layer), self.name)
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        NF.check_input(x, num_channels_of(layer), self.name)
+        shape = channel_shape(x)
         if self.phase == "capture":
             if mask is None and x.numel() // x.shape[1] == 1:
                 raise ValueError(
@@ -138,8 +135,7 @@ class _MCLayer:
                     f"training batch (input shape {tuple(x.shape)}); the training batches "
                     "need at least 2 samples"
                 )
-            dims = (0,) + tuple(range(2, x.dim()))
-            mean, var, _ = stats.moments(x, dims, mask=mask)
+            mean, var, _ = stats.moments(x, batch_dims(x), mask=mask)
             self.stats.append((mean.flatten(), var.flatten()))
         elif self.calls >= len(self.stats):
             raise RuntimeError(

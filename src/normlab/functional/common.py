@@ -21,6 +21,7 @@ __all__ = [
     "check_input",
     "check_path",
     "channel_shape",
+    "batch_dims",
     "spatial_size",
     "channels_last_format",
     "normalize",
@@ -61,6 +62,11 @@ def check_input(x: Tensor, num_channels: int, name: str, min_dim: int = 2) -> No
 def channel_shape(x: Tensor) -> tuple[int, ...]:
     """``(1, C, 1, ..., 1)``: a per-channel vector viewed to broadcast over ``x``."""
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def batch_dims(x: Tensor) -> tuple[int, ...]:
+    """``(0, 2, 3, ...)``: the dimensions a batch statistic of ``(N, C, *)`` reduces."""
+    return (0,) + tuple(range(2, x.dim()))
 
 
 def spatial_size(x: Tensor) -> int:

@@ -25,6 +25,7 @@ from torch import Tensor
 from normlab import stats
 from normlab.functional import fastpath
 from normlab.functional.common import (
+    batch_dims,
     channel_shape,
     check_input,
     check_path,
@@ -62,7 +63,7 @@ def _batch_moments(
 ) -> stats.Moments:
     # moments_fn(x, dims, mask=mask) -> Moments replaces stats.moments, e.g. with the
     # all-rank moments of normlab.nn.sync_stats; the size check then uses its (global) count.
-    dims = (0,) + tuple(range(2, x.dim()))
+    dims = batch_dims(x)
     if moments_fn is not None:
         m = moments_fn(x, dims, mask=mask)
         total = None if mask is not None else int(torch.as_tensor(m.count).max())

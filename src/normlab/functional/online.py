@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from normlab import stats
-from normlab.functional.common import normalize, update_running_
+from normlab.functional.common import channel_shape, normalize, update_running_
 from normlab.functional.fastpath import instance_normalized
 
 __all__ = ["linear_scan", "online_norm", "online_norm_step", "layer_scaling",
@@ -278,7 +278,7 @@ def online_norm(
     ordinary gradient of that expression.
     """
     if not training:
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        shape = channel_shape(x)
         return normalize(x, running_mean.view(shape), running_var.view(shape), eps)
     return _OnlineNormFunction.apply(
         x, (running_mean, running_var, u, v), float(alpha_fwd), float(alpha_bkw), float(eps),

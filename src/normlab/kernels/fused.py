@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from normlab import stats
+from normlab.functional.common import batch_dims
 from normlab.functional.core import batch_norm as _default_batch_norm
 from normlab.functional.fastpath import update_running_pair_
 from normlab.kernels._build import load_library
@@ -122,7 +123,7 @@ class _SaveOutputBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope):
-        dims = (0,) + tuple(range(2, x.dim()))
+        dims = batch_dims(x)
         mean, var, _ = stats.moments(x, dims)
         compute = mean.dtype
         shape = mean.shape

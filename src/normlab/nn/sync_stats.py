@@ -69,7 +69,7 @@ from torch.autograd.function import once_differentiable
 
 from normlab import functional as NF
 from normlab import stats
-from normlab.functional.common import channel_shape
+from normlab.functional.common import batch_dims, channel_shape
 
 __all__ = [
     "sync_batch_norm",
@@ -136,10 +136,6 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return stats.stat_dtype(x.dtype) if x.device.type == "mps" else torch.float64
 
 
-def _batch_dims(x: Tensor) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
-
-
 def _global_moments(
     x: Tensor, mask: Tensor | None, comm: _Comm, name: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,7 +143,7 @@ def _global_moments(
 
     mean and var are in the statistics dtype of ``x``, count in the exchange dtype.
     """
-    local = stats.moments(x, _batch_dims(x), mask=mask, keepdim=False)
+    local = stats.moments(x, batch_dims(x), mask=mask, keepdim=False)
     acc = _acc_dtype(x)
     count = torch.as_tensor(local.count, device=x.device).to(acc).expand_as(local.mean)
     packed = torch.stack([count, local.mean.to(acc), local.var.to(acc)])
@@ -192,7 +188,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mask, mean, invstd, count = ctx.saved_tensors
         compute = mean.dtype
         shape = channel_shape(x)
-        dims = _batch_dims(x)
+        dims = batch_dims(x)
         g = grad_y.to(compute)
         xhat = (x.to(compute) - mean.view(shape)) * invstd.view(shape)
         sum_g = g.sum(dims)
