@@ -341,7 +341,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="cpu (default with 1 thread: leaves out time other processes hold "
                    "the cores) or wall")
-    p.add_argument("--no-targets", action="store_true", help="skip the issue's target checks")
+    p.add_argument("--no-comparisons", action="store_true",
+                   help="skip the head-to-head comparisons (fused kernels, Online Norm's "
+                   "loop, the mixtures against BatchNorm, memory)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
     p.add_argument("--md", default=None, metavar="PATH", help="write the Markdown report")
     p.set_defaults(run=_run_bench)
@@ -367,7 +369,7 @@ def _run_bench(args) -> int:
         "warmup": 1 if quick else 2,
         "threads": args.threads,
         "clock": args.clock,
-        "targets": not args.no_targets,
+        "comparisons": not args.no_comparisons,
     }
     try:
         result = bench.run(**kw, progress=lambda s: print(f"normlab bench: {s}", flush=True))
