@@ -48,6 +48,7 @@ noise model may differ in detail (e.g. a point inside its batch is correlated wi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -267,6 +268,21 @@ def mc_batchnorm(
         ValueError: no BatchNorm layer, bad ``samples``, ``batch_size`` or ``tau``, a
             training batch with one value per channel (the message names the layer).
     """
+    layers = _checked_mc_layers(model, inputs, samples, tau)
+    batches = _batches(train_batches, batch_size, generator)
+    with _sampling(model, layers) as mc_layers:
+        mean, m2, kept = _welford(
+            (_mc_sample(model, mc_layers, next(batches), inputs) for _ in range(samples)),
+            return_samples)
+    var = m2 / samples
+    if tau is not None:
+        var = var + 1.0 / tau
+    return MCPrediction(mean, var, kept)
+
+
+def _checked_mc_layers(model, inputs, samples, tau) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers, after checking mc_batchnorm's arguments; warns
+    about the other layers with running statistics (their noise is not sampled)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"mc_batchnorm: model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(inputs, Tensor):
@@ -289,10 +305,15 @@ def mc_batchnorm(
                 "but is not a BatchNorm layer; it predicts with its running statistics, so its "
                 "batch noise is not sampled",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    batches = _batches(train_batches, batch_size, generator)
+    return layers
 
+
+@contextlib.contextmanager
+def _sampling(model: nn.Module, layers) -> Iterator[list[_MCLayer]]:
+    """Every BatchNorm layer's forward replaced by an :class:`_MCLayer` for the block;
+    afterwards the forwards, every buffer and every train/eval flag as they were."""
     modes = [(m, m.training) for m in model.modules()]
     saved_buffers = []
     for module in model.modules():
@@ -303,37 +324,8 @@ def mc_batchnorm(
     own_forward = [layer.__dict__.get("forward") for _, layer in layers]
     for mc, (_, layer) in zip(mc_layers, layers, strict=True):
         layer.forward = mc
-
-    total = None
-    m2 = None
-    kept = []
     try:
-        for t in range(samples):
-            batch = next(batches)
-            if batch.device != inputs.device:
-                batch = batch.to(inputs.device)
-            for mc in mc_layers:
-                mc.start("capture")
-            model.train()
-            model(batch)
-            for mc in mc_layers:
-                mc.start("predict")
-            model.eval()
-            out = model(inputs)
-            if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"mc_batchnorm: the model must return one tensor, got {type(out).__name__}"
-                )
-            out = out.detach().to(stats.stat_dtype(out.dtype))
-            if return_samples:
-                kept.append(out)
-            # Welford's update: numerically stable mean and sum of squared deviations.
-            if total is None:
-                total, m2 = out.clone(), torch.zeros_like(out)
-            else:
-                delta = out - total
-                total += delta / (t + 1)
-                m2 += delta * (out - total)
+        yield mc_layers
     finally:
         for (_, layer), forward in zip(layers, own_forward, strict=True):
             del layer.forward
@@ -344,10 +336,43 @@ def mc_batchnorm(
             module._buffers[key] = original
         for module, flag in modes:
             module.training = flag
-    var = m2 / samples
-    if tau is not None:
-        var = var + 1.0 / tau
-    return MCPrediction(total, var, torch.stack(kept) if return_samples else None)
+
+
+def _mc_sample(model: nn.Module, mc_layers, batch: Tensor, inputs: Tensor) -> Tensor:
+    """One MC sample: the BatchNorm statistics of ``batch`` (train mode), then the
+    prediction of ``inputs`` with them (eval mode), in the statistics dtype."""
+    if batch.device != inputs.device:
+        batch = batch.to(inputs.device)
+    for mc in mc_layers:
+        mc.start("capture")
+    model.train()
+    model(batch)
+    for mc in mc_layers:
+        mc.start("predict")
+    model.eval()
+    out = model(inputs)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"mc_batchnorm: the model must return one tensor, got {type(out).__name__}"
+        )
+    return out.detach().to(stats.stat_dtype(out.dtype))
+
+
+def _welford(outs: Iterable[Tensor], keep: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mean and sum of squared deviations of ``outs`` by Welford's update (numerically
+    stable), and the stacked ``outs`` if ``keep``."""
+    total = m2 = None
+    kept = []
+    for t, out in enumerate(outs):
+        if keep:
+            kept.append(out)
+        if total is None:
+            total, m2 = out.clone(), torch.zeros_like(out)
+        else:
+            delta = out - total
+            total += delta / (t + 1)
+            m2 += delta * (out - total)
+    return total, m2, torch.stack(kept) if keep else None
 
 
 def predictive_log_likelihood(

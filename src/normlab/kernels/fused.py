@@ -155,6 +155,17 @@ class _SaveOutputBatchNorm(torch.autograd.Function):
         return dx.to(grad_z.dtype), gw, gb, None, None, None
 
 
+def _check_invertible(act: int, negative_slope: float, name: str) -> None:
+    """save_memory recovers the input from the output: the activation must invert."""
+    if act == 2 and negative_slope <= 0:
+        raise ValueError(f"{name}: save_memory needs negative_slope > 0, got {negative_slope}")
+    if act == 1:
+        raise ValueError(
+            f"{name}: save_memory needs an invertible activation (None or 'leaky_relu'); "
+            "relu loses the sign of its input"
+        )
+
+
 def batch_norm(
     x: Tensor,
     running_mean: Tensor | None = None,
@@ -198,13 +209,8 @@ def batch_norm(
       convolution does), the block keeps one tensor instead of two.
     """
     act = _act_code(activation)
-    if act == 2 and negative_slope <= 0 and save_memory:
-        raise ValueError(f"{name}: save_memory needs negative_slope > 0, got {negative_slope}")
-    if act == 1 and save_memory:
-        raise ValueError(
-            f"{name}: save_memory needs an invertible activation (None or 'leaky_relu'); "
-            "relu loses the sign of its input"
-        )
+    if save_memory:
+        _check_invertible(act, negative_slope, name)
     use_batch = training or running_mean is None or running_var is None
     if not use_batch:
         y = _default_batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
