@@ -1,6 +1,7 @@
 # The two commands a newcomer runs (see README.md):
 #   make study   set up the virtual environment and run the main job
 #   make test    set up the virtual environment and run the tests
+#   make docs    build the documentation site into site/ (MkDocs, mkdocs.yml)
 # torch 2.13.0 (CPU build) is installed first, so that no other requirement lets pip
 # choose a newer torch and pull a CUDA build of several GB.
 
@@ -8,8 +9,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.normlab-installed
+# (the Material theme's notice about MkDocs 2 is not a warning of this build)
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs
 
-.PHONY: setup study test test-slow lint clean
+.PHONY: setup study test test-slow lint docs clean
 
 setup: $(STAMP)
 
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[lab,test,export,cluster]'
+	$(PY) -m pip install --quiet -e '.[lab,test,export,cluster,docs]'
 	touch $(STAMP)
 
 study: $(STAMP)
@@ -26,6 +29,7 @@ study: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest
+	$(MKDOCS) build --strict --quiet
 
 # torch.compile / torch.export / ONNX tests of every layer (marked slow, a few minutes;
 # the fused C++ kernels' tests run in `make test`)
@@ -35,5 +39,9 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests
 
+# The documentation site: the pages of docs/ and the API reference from the docstrings.
+docs: $(STAMP)
+	$(MKDOCS) build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis

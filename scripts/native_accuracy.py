@@ -5,7 +5,7 @@ For x = R + N(0, 1) (R = |mean| / std of every normalization group) and a range 
 shapes, prints the relative L2 error of each kernel's output against float64, and the
 error divided by the bound's shape (batch norm: (R + 4) sqrt(n) eps32; group norm:
 (R^2 + 1) sqrt(n) eps32, with n the number of elements per group). The largest of
-those ratios is the constant that normlab.functional.core's _BN_SHIFT_LIMIT and
+those ratios is the constant that normlab.functional.fastpath's _BN_SHIFT_LIMIT and
 _GN_SHIFT_LIMIT rest on (0.16 and 0.2 are used; measured 0.152 and 0.171): the default
 paths keep a kernel's result only while the bound times the constant stays below 1e-4.
 

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as tnf
+import torch.nn.functional as F
 
 import normlab
 from normlab.nn import AttentiveNorm
@@ -30,7 +30,7 @@ def ref_attentive(x, layer, running=None, att_running=None):
             mu, var = running[0].double().view(1, c, 1), running[1].double().view(1, c, 1)
         xhat = (xr - mu) / torch.sqrt(var + eps)
     else:
-        xhat = tnf.group_norm(xr, layer.num_groups, eps=eps)
+        xhat = F.group_norm(xr, layer.num_groups, eps=eps)
     s = xr.mean(2) / torch.sqrt(xr.var(2, unbiased=False) + layer.attention_eps)
     z = s @ p["attention_proj"].t()
     if layer.norm == "batch":
@@ -40,7 +40,7 @@ def ref_attentive(x, layer, running=None, att_running=None):
             zm, zv = att_running[0].double(), att_running[1].double()
         z = (z - zm) / torch.sqrt(zv + eps) * p["attention_weight"] + p["attention_bias"]
     else:
-        z = tnf.layer_norm(z, (z.shape[1],), p["attention_weight"], p["attention_bias"], eps)
+        z = F.layer_norm(z, (z.shape[1],), p["attention_weight"], p["attention_bias"], eps)
     lam = torch.clamp(z + 3, 0, 6) / 6
     gamma = lam @ p["component_weight"]
     beta = lam @ p["component_bias"]
@@ -138,7 +138,7 @@ def test_samples_get_different_affine():
     dist = torch.cdist(gamma, gamma) + torch.eye(6, dtype=torch.float64)
     assert dist.min() > 1e-3, "two samples got the same gamma"
     # ... and it is the per-sample affine that makes outputs differ from one BN affine.
-    xhat = tnf.batch_norm(x, None, None, training=True, eps=layer.eps)
+    xhat = F.batch_norm(x, None, None, training=True, eps=layer.eps)
     torch.testing.assert_close(
         y, gamma[:, :, None, None] * xhat + (lam @ layer.component_bias.detach())[:, :, None, None]
     )

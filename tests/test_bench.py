@@ -20,7 +20,7 @@ KEYS = {"layer", "impl", "shape", "dtype", "layout", "mode", "pass", "median_ms"
 def small_run():
     return bench.run(layers=["ChannelLayerNorm", "OnlineNorm", "InstanceNorm"],
                      shapes=[(4, 32, 3, 3)], dtypes=["float32"], repeats=2, warmup=1,
-                     targets=False)
+                     comparisons=False)
 
 
 def test_records_cover_the_grid_with_peers_and_copy(small_run):
@@ -78,7 +78,7 @@ def test_fused_implementations_are_declared():
 def test_fused_group_and_layer_norm_are_measured_against_torch():
     res = bench.run(layers=["GroupNorm", "LayerNorm"], shapes=[(2, 32, 3, 3)],
                     dtypes=["float32"], modes=["train"], passes=["fwd+bwd"], repeats=1,
-                    warmup=1, targets=False)
+                    warmup=1, comparisons=False)
     assert res.meta["kernels"]["available"]
     fused = [r for r in res.records if r["impl"] == "normlab-fused"]
     assert {(r["layer"], r["layout"]) for r in fused} == {
@@ -110,7 +110,7 @@ def test_json_is_a_list_of_records_and_markdown_has_the_table(small_run, tmp_pat
 
 def test_unknown_layer_and_bad_shape_are_named():
     with pytest.raises(ValueError, match="unknown layers.*Nope"):
-        bench.run(layers=["Nope"], targets=False)
+        bench.run(layers=["Nope"], comparisons=False)
     with pytest.raises(ValueError, match="bad shape"):
         bench.parse_shape("32xx")
     assert bench.parse_shape("2x3x4") == (2, 3, 4)
@@ -119,7 +119,7 @@ def test_unknown_layer_and_bad_shape_are_named():
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
     js, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = main(["bench", "--layers", "SELU", "RMSNorm", "--shapes", "2x4x3x3", "--repeats", "1",
-               "--dtypes", "float32", "--layouts", "nchw", "--no-targets", "--json", str(js),
+               "--dtypes", "float32", "--layouts", "nchw", "--no-comparisons", "--json", str(js),
                "--md", str(md)])
     assert rc == 0
     recs = json.loads(js.read_text())

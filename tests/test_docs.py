@@ -215,3 +215,51 @@ def test_public_function_or_class_has_a_docstring_of_substance(name, obj):
                 method_doc = inspect.getdoc(getattr(obj, attr, value)) or (
                     value.__doc__ if isinstance(value, property) else None) or ""
                 assert len(method_doc) >= 20, f"{name}.{attr} has no docstring"
+
+
+# ------------------------------------------------------------ the protocol's claim records
+
+NEW_RECORD = {
+    "id": "bn_fewer_steps", "number": 1, "title": "BN needs fewer steps",
+    "verdict": "not testable at this scale", "reason": "the old field, not shown",
+    "takeaway": "BN saved steps, but far fewer than the paper's 14x.",
+    "scale_note": "3-layer CNN on 8x8 digits, not Inception on ImageNet.",
+    "effects": [
+        {"name": "step ratio", "unit": "x", "estimate": 2.04, "low": 1.5, "high": 2.6,
+         "confidence": 0.95, "threshold": 3.0, "test": "greater",
+         "verdict": "not reproduced"},
+        {"name": "accuracy gap", "unit": "points", "estimate": -0.4, "low": None,
+         "high": None, "threshold": 0.0, "margin": 1.0, "test": "equivalent",
+         "verdict": "not available"},
+    ],
+}
+
+
+def test_protocol_records_give_verdict_intervals_and_scale_note():
+    text = docs.generate([NEW_RECORD, CLAIMS[1]])
+    bn = _section(text, docs.METHODS["batch"]["title"])
+    assert ("- Claim 1. BN needs fewer steps (`bn_fewer_steps`): **not testable at this "
+            "scale**: BN saved steps, but far fewer than the paper's 14x.") in bn
+    assert "the old field" not in bn  # the takeaway replaces the reason
+    assert ("  - step ratio: 2.04 x, 95% interval [1.5, 2.6]; the paper's claim: above 3 x: "
+            "not reproduced") in bn
+    assert ("  - accuracy gap: -0.4 points, interval [n/a, n/a]; the paper's claim: within "
+            "1 of 0 points: not available") in bn
+    assert "  - Scale: 3-layer CNN on 8x8 digits, not Inception on ImageNet." in bn
+    # An old record in the same study keeps its reason.
+    gn = _section(text, docs.METHODS["group"]["title"])
+    assert "**not reproduced**: accuracy spread 9 points, criterion 2" in gn
+    row = next(line for line in text.splitlines() if line.startswith("| [Batch Normalization]"))
+    assert "1: not testable at this scale" in row
+
+
+def test_method_guide_files_are_parsed_and_checked():
+    m = docs.METHODS["batch"]
+    assert m["claims"][0] == "bn_fewer_steps" and m["bench"] == ["BatchNorm",
+                                                                  "BatchNorm+LeakyReLU"]
+    assert "\n" not in m["use"] and m["use"].startswith("convolutional and fully")
+    text = "---\ntitle: T\npaper: P\nbuild: B\nnorms:\nclaims: a, b\nbench:\n---\n\n## Costs\n\nx\n"
+    with pytest.raises(ValueError, match=r"guide/methods/99_t.md lacks \['normalises'"):
+        docs._parse_method("99_t.md", text)
+    with pytest.raises(ValueError, match="front matter"):
+        docs._parse_method("99_t.md", "## Costs\n")

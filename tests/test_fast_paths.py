@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import nn as nl
 from normlab import stats
 from normlab.bench import saved_bytes
@@ -71,7 +71,7 @@ def test_batch_norm_default_equals_reference(shape, layout, dtype, training):
         rm, rv = rm0.clone(), rv0.clone()
 
         def fn(x, w, b, rm=rm, rv=rv, path=path):
-            return F.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5, path=path)
+            return NF.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5, path=path)
 
         runs[path] = (*_grads(fn, x, (w, b), g), rm, rv)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -92,10 +92,10 @@ def test_sample_norms_default_equal_reference(name, shape, layout, dtype):
     g = _input(shape, dtype, layout, seed=1)
     w, b = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     calls = {
-        "group": lambda x, w, b, p: F.group_norm(x, 3, w, b, 1e-5, path=p),
-        "layer": lambda x, w, b, p: F.layer_norm(x, w, b, 1e-5, path=p),
-        "instance": lambda x, w, b, p: F.instance_norm(x, None, None, w, b, path=p),
-        "channel_layer": lambda x, w, b, p: F.channel_layer_norm(x, w, b, 1e-5, path=p),
+        "group": lambda x, w, b, p: NF.group_norm(x, 3, w, b, 1e-5, path=p),
+        "layer": lambda x, w, b, p: NF.layer_norm(x, w, b, 1e-5, path=p),
+        "instance": lambda x, w, b, p: NF.instance_norm(x, None, None, w, b, path=p),
+        "channel_layer": lambda x, w, b, p: NF.channel_layer_norm(x, w, b, 1e-5, path=p),
     }
     ya, ga = _grads(lambda x, w, b: calls[name](x, w, b, "auto"), x, (w, b), g)
     yr, gr = _grads(lambda x, w, b: calls[name](x, w, b, "reference"), x, (w, b), g)
@@ -110,7 +110,7 @@ def test_instance_norm_running_stats_default_equals_reference():
     stats_ = {}
     for path in ("auto", "reference"):
         rm, rv = torch.zeros(4), torch.ones(4)
-        F.instance_norm(x, rm, rv, None, None, True, 0.2, path=path)
+        NF.instance_norm(x, rm, rv, None, None, True, 0.2, path=path)
         stats_[path] = (rm, rv)
     for a, r in zip(stats_["auto"], stats_["reference"], strict=True):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
@@ -123,12 +123,12 @@ def test_large_mean_channels_last_and_nchw_default_paths(layout):
     norm, 2e2 for group norm)."""
     x = _input((8, 8, 6, 6), offset=1e4, layout=layout)
     x64 = x.double()
-    for fn in (lambda t: F.batch_norm(t, None, None, training=True),
-               lambda t: F.group_norm(t, 4)):
+    for fn in (lambda t: NF.batch_norm(t, None, None, training=True),
+               lambda t: NF.group_norm(t, 4)):
         y, exact = fn(x), fn(x64)
         assert float((y.double() - exact).norm() / exact.norm()) < 1e-3
     rm, rv = torch.zeros(8), torch.ones(8)
-    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    NF.batch_norm(x, rm, rv, training=True, momentum=1.0)
     torch.testing.assert_close(rm.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=2e-3)
     torch.testing.assert_close(rv.double(), x64.var((0, 2, 3)), rtol=1e-4, atol=0)
 
@@ -143,9 +143,9 @@ def test_float_sum_kernels_are_kept_or_redone_within_1e4(case, offset):
     shape = {"bn_cl": (16, 8, 32, 32), "bn_2d": (4096, 8), "gn_cl": (4, 16, 32, 32),
              "ln_cl": (2, 8, 32, 32)}[case]
     x = _input(shape, offset=offset, layout="nchw" if case == "bn_2d" else "cl")
-    call = {"bn_cl": lambda t: F.batch_norm(t, None, None, training=True),
-            "bn_2d": lambda t: F.batch_norm(t, None, None, training=True),
-            "gn_cl": lambda t: F.group_norm(t, 4), "ln_cl": lambda t: F.layer_norm(t)}[case]
+    call = {"bn_cl": lambda t: NF.batch_norm(t, None, None, training=True),
+            "bn_2d": lambda t: NF.batch_norm(t, None, None, training=True),
+            "gn_cl": lambda t: NF.group_norm(t, 4), "ln_cl": lambda t: NF.layer_norm(t)}[case]
     y = call(x)
     exact = call(x.double().contiguous())
     assert float((y.double() - exact).norm() / exact.norm()) < 1e-4
@@ -154,11 +154,11 @@ def test_float_sum_kernels_are_kept_or_redone_within_1e4(case, offset):
 
 
 def test_channels_last_batch_norm_shifts_only_when_the_bound_asks(monkeypatch):
-    from normlab.functional import core
+    from normlab.functional import fastpath
 
     shifts = []
-    original = core._first_value_per_channel
-    monkeypatch.setattr(core, "_first_value_per_channel",
+    original = fastpath._first_value_per_channel
+    monkeypatch.setattr(fastpath, "_first_value_per_channel",
                         lambda t: shifts.append(1) or original(t))
     bn = nl.BatchNorm(8)
     bn(_input((8, 8, 16, 16), layout="cl", offset=2.0))  # R = 2: the kernel's sums are fine
@@ -168,7 +168,7 @@ def test_channels_last_batch_norm_shifts_only_when_the_bound_asks(monkeypatch):
     # The redo's running statistics are those of the batch (the first call's undone).
     rm, rv = torch.zeros(8), torch.ones(8)
     x = _input((8, 8, 16, 16), layout="cl", offset=1e3)
-    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    NF.batch_norm(x, rm, rv, training=True, momentum=1.0)
     torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), rtol=1e-7, atol=0)
     torch.testing.assert_close(rv.double(), x.double().var((0, 2, 3)), rtol=1e-4, atol=0)
 
@@ -191,8 +191,8 @@ def test_overflowing_variance_spares_running_var(shape, layout):
 
 def test_channels_last_stays_channels_last():
     x = _input((4, 8, 5, 5), layout="cl")
-    assert F.batch_norm(x, None, None, training=True).is_contiguous(memory_format=CL)
-    assert F.group_norm(x, 4).is_contiguous(memory_format=CL)
+    assert NF.batch_norm(x, None, None, training=True).is_contiguous(memory_format=CL)
+    assert NF.group_norm(x, 4).is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("shape,layout", [((3, 4, 5, 5), "nchw"), ((3, 4, 5, 5), "cl"),
@@ -220,8 +220,8 @@ def test_update_running_pair_is_update_running():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             update_running_pair_(rm, rv, batch, 0.25, "pair")
-            F.update_running_(rm2, batch[0], 0.25, "single")
-            F.update_running_(rv2, batch[1], 0.25, "single")
+            NF.update_running_(rm2, batch[0], 0.25, "single")
+            NF.update_running_(rv2, batch[1], 0.25, "single")
         assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
         assert len(caught) == (2 if bad else 0)
 
@@ -232,7 +232,7 @@ def test_default_batch_norm_double_backward(layout):
     x = _input((3, 2, 3, 3), torch.float64, layout).requires_grad_(True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+    fn = lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
@@ -285,7 +285,7 @@ def test_save_memory_rejects_relu():
 def test_layer_scaling_gradcheck_and_formula():
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _LayerScaling.apply(t, 1e-5), (x,))
-    y = F.layer_scaling(x.detach())
+    y = NF.layer_scaling(x.detach())
     ref = x.detach() / torch.sqrt((x.detach() ** 2).mean((1, 2), keepdim=True) + 1e-5)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
@@ -389,7 +389,7 @@ def test_fused_large_mean_is_exact_to_float32(layout):
     x = _input((16, 4, 8, 8), offset=1e4, layout=layout)
     m = nl.BatchNorm(4, fused=True)
     y = m(x)
-    exact = F.batch_norm(x.double(), None, None, training=True)
+    exact = NF.batch_norm(x.double(), None, None, training=True)
     assert float((y.detach().double() - exact).norm() / exact.norm()) < 1e-6
 
 

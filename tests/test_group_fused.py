@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab.kernels import group as K
 from normlab.nn import GroupNorm, LayerNorm
 from normlab.registry import create_norm
@@ -304,14 +304,14 @@ def test_unsupported_inputs_take_the_default_path(no_kernel):
         with torch.no_grad():
             lay.weight.uniform_(0.5, 2.0)
             lay.bias.uniform_(-0.5, 0.5)
-        want = F.group_norm(xi.float(), groups, lay.weight.float(), lay.bias.float())
+        want = NF.group_norm(xi.float(), groups, lay.weight.float(), lay.bias.float())
         _close(lay(xi), want, 1e-3 if xi.dtype == torch.float16 else 1e-6)
     # a mask goes to the default path (the kernel takes no mask)
     mask = torch.ones(3, 1, 5, 5, dtype=torch.bool)
     mask[:, :, 0] = False
-    _close(layer(x, mask=mask), F.group_norm(x, 4, layer.weight, layer.bias, mask=mask), 1e-6)
+    _close(layer(x, mask=mask), NF.group_norm(x, 4, layer.weight, layer.bias, mask=mask), 1e-6)
     ln = LayerNorm(8, fused=True)
-    _close(ln(x, mask=mask), F.layer_norm(x, ln.weight, ln.bias, mask=mask), 1e-6)
+    _close(ln(x, mask=mask), NF.layer_norm(x, ln.weight, ln.bias, mask=mask), 1e-6)
     # float64 parameters with float32 input
     assert not K.supports(x, 4, torch.ones(8, dtype=torch.float64))
 

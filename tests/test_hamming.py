@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from normlab.nn import DoubleThreshold, GHNConv2d, GHNLinear
-from normlab.nn.hamming import fuzzy_xor, generalized_hamming_distance
+from normlab.nn.ghn import fuzzy_xor, generalized_hamming_distance
 
 # ---------------------------------------------------------------------------------------
 # float64 references, written with explicit loops over receptive fields

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normlab
-from normlab import functional as F
+from normlab import functional as NF
 from normlab.nn import OnlineNorm
 from normlab.registry import create_norm
 
@@ -309,18 +309,18 @@ def test_affine_and_ecm_gradcheck(ecm):
 
     def head(x, w, b):
         z = x * w.view(1, c, 1) + b.view(1, c, 1)
-        return F.layer_scaling(z, 1e-5) if ecm == "ls" else F.activation_clamp(z * 4, 5.0)
+        return NF.layer_scaling(z, 1e-5) if ecm == "ls" else NF.activation_clamp(z * 4, 5.0)
 
     assert torch.autograd.gradcheck(head, (x, w, b))
 
 
 def test_layer_scaling_and_clamp_values():
     z = torch.randn(3, 4, 5, dtype=torch.float64) * 3
-    ls = F.layer_scaling(z, 1e-5)
+    ls = NF.layer_scaling(z, 1e-5)
     ms = (z * z).mean((1, 2), keepdim=True)
     torch.testing.assert_close(ls, z / torch.sqrt(ms + 1e-5))
     torch.testing.assert_close((ls * ls).mean((1, 2)), ms.flatten() / (ms.flatten() + 1e-5))
-    ac = F.activation_clamp(z, 5.0)
+    ac = NF.activation_clamp(z, 5.0)
     assert ac.abs().max() <= 5.0
     torch.testing.assert_close(ac[z.abs() < 5], z[z.abs() < 5], rtol=0, atol=0)
 
@@ -359,10 +359,10 @@ def test_linear_scan_matches_loop_with_any_coefficients():
         for t in range(n):
             z = a[t] * z + b[t]
             ref.append(z)
-        torch.testing.assert_close(F.linear_scan(a, b, z0), torch.stack(ref), rtol=1e-10,
+        torch.testing.assert_close(NF.linear_scan(a, b, z0), torch.stack(ref), rtol=1e-10,
                                    atol=1e-10)
-        torch.testing.assert_close(F.linear_scan(0.9, b, z0),
-                                   F.linear_scan(torch.full_like(b, 0.9), b, z0))
+        torch.testing.assert_close(NF.linear_scan(0.9, b, z0),
+                                   NF.linear_scan(torch.full_like(b, 0.9), b, z0))
 
 
 def test_state_dict_and_initial_values():
@@ -602,7 +602,7 @@ def test_product_scan_equals_hillis_steele_scan(case):
         a = a - 0.2  # some coefficients <= 0
     b = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     z0 = torch.randn(3, dtype=torch.float64)
-    scan = F.linear_scan(a, b, z0)
+    scan = NF.linear_scan(a, b, z0)
     hs = _hillis_steele_scan(a.t(), b.t(), z0.unsqueeze(1)).t()
     torch.testing.assert_close(scan, hs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(scan, _scan_loop(a, b, z0), rtol=1e-10, atol=1e-12)

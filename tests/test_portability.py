@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
@@ -247,7 +247,7 @@ class _Bfloat16Matmuls(TorchFunctionMode):
     """float32 arithmetic except for the matmuls, which are done as autocast's CPU policy
     does them: operands rounded to bfloat16, the result rounded to bfloat16."""
 
-    OPS = {torch.matmul, torch.mm, torch.bmm, TF.linear, TF.conv2d, Tensor.matmul,
+    OPS = {torch.matmul, torch.mm, torch.bmm, F.linear, F.conv2d, Tensor.matmul,
            Tensor.__matmul__, Tensor.mm}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -371,13 +371,13 @@ def test_vmap_per_sample_gradients(mode):
 
     def loss(p, b, xi, ti):
         out = functional_call(model, (p, b), (xi.unsqueeze(0),))
-        return TF.cross_entropy(out, ti.unsqueeze(0))
+        return F.cross_entropy(out, ti.unsqueeze(0))
 
     per_sample = vmap(grad(loss), in_dims=(None, None, 0, 0))(params, buffers, x, target)
 
     for i in range(x.shape[0]):
         model.zero_grad()
-        TF.cross_entropy(model(x[i : i + 1]), target[i : i + 1]).backward()
+        F.cross_entropy(model(x[i : i + 1]), target[i : i + 1]).backward()
         for k, p in model.named_parameters():
             torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():  # nothing was updated

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as tnf
+import torch.nn.functional as F
 
 import normlab
 from normlab.functional.mixture import pooled_moments
@@ -96,19 +96,19 @@ def test_one_hot_logits_reproduce_torch_norm(term):
         layer.var_logits.copy_(one_hot)
     w, b = layer.weight.detach(), layer.bias.detach()
     if term == "instance":
-        expected = tnf.instance_norm(x, weight=w, bias=b, eps=1e-5)
+        expected = F.instance_norm(x, weight=w, bias=b, eps=1e-5)
     elif term == "layer":
-        expected = tnf.group_norm(x, 1, w, b, eps=1e-5)  # LN over (C, H, W), per-channel affine
+        expected = F.group_norm(x, 1, w, b, eps=1e-5)  # LN over (C, H, W), per-channel affine
     else:
         rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-        expected = tnf.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+        expected = F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     if term == "batch":
         torch.testing.assert_close(layer.running_mean, rm)
         torch.testing.assert_close(layer.running_var, rv)
         layer.eval()
         torch.testing.assert_close(
-            layer(x), tnf.batch_norm(x, rm, rv, w, b, training=False, eps=1e-5),
+            layer(x), F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-5),
             rtol=1e-12, atol=1e-12,
         )
 

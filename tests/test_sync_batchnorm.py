@@ -18,7 +18,7 @@ from torch.autograd import gradcheck
 
 import _dist_workers as W  # tests/ is on sys.path under pytest
 import normlab
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import stats
 from normlab.nn import BatchNorm, BatchRenorm, NormBase, SyncBatchNorm, to_sync_batchnorm
 from normlab.nn.sync import moments_fn_for, sync_batch_norm
@@ -514,17 +514,17 @@ def test_moments_fn_hook_replaces_the_batch_statistics():
         return fixed
 
     rm, rv = torch.zeros(2, dtype=D), torch.ones(2, dtype=D)
-    y = F.batch_norm(x, rm, rv, training=True, momentum=1.0, moments_fn=fake)
+    y = NF.batch_norm(x, rm, rv, training=True, momentum=1.0, moments_fn=fake)
     close(y, (x - 0.5) / (4.0 + 1e-5) ** 0.5)
     close(rv, torch.full((2,), 4.0 * 100 / 99, dtype=D))  # unbiased with the hook's count
     rm, rv = torch.zeros(2, dtype=D), torch.ones(2, dtype=D)
-    F.batch_renorm(x, rm, rv, training=True, momentum=1.0, moments_fn=fake)
+    NF.batch_renorm(x, rm, rv, training=True, momentum=1.0, moments_fn=fake)
     close(rm, torch.full((2,), 0.5, dtype=D))
     assert seen == [(0, 2), (0, 2)]
     # one value in total according to the hook: rejected
     one = stats.Moments(fixed.mean, fixed.var, torch.ones(1, 2, 1))
     with pytest.raises(ValueError, match="over all ranks, got 1"):
-        F.batch_norm(torch.randn(1, 2, dtype=D), None, None, training=True,
+        NF.batch_norm(torch.randn(1, 2, dtype=D), None, None, training=True,
                      moments_fn=lambda t, d, mask=None: one)
 
 

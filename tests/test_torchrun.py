@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from normlab import cli
+from normlab import cli, distributed
 
 TIMEOUT_S = 180
 COMMON = ["train", "--data", "digits", "--model", "cnn", "--norm", "bn", "--width", "8",
@@ -103,17 +103,17 @@ def test_torchrun_two_processes_equal_one_process_with_the_double_batch(tmp_path
 def test_torchrun_environment_detection(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert cli._torchrun_env() is None  # a plain run
+    assert distributed.torchrun_env() is None  # a plain run
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    assert cli._torchrun_env() is None  # torchrun with one process: a plain run
+    assert distributed.torchrun_env() is None  # torchrun with one process: a plain run
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert cli._torchrun_env() == (2, 3, 1)
+    assert distributed.torchrun_env() == (2, 3, 1)
     monkeypatch.delenv("RANK")
     with pytest.raises(SystemExit, match="RANK is not set"):
-        cli._torchrun_env()
+        distributed.torchrun_env()
 
 
 def test_train_help_documents_the_batch_semantics_and_sync_flag(capsys):

@@ -19,9 +19,9 @@ def _add_list(sub) -> None:
 
 
 def _run_list(args) -> int:
-    from normlab.registry import _SPECS
+    from normlab.registry import get_norm_spec, list_norms
 
-    for spec in _SPECS.values():
+    for spec in map(get_norm_spec, list_norms()):
         aliases = ", ".join(spec.aliases)
         suffix = f"  [aliases: {aliases}]" if aliases else ""
         print(f"{spec.name:16s} {spec.description}{suffix}")
@@ -130,62 +130,18 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _torchrun_env() -> tuple[int, int, int] | None:
-    """``(rank, world_size, local_rank)`` when started by torchrun with more than one
-    process (its RANK / WORLD_SIZE / LOCAL_RANK variables), else None."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    if "RANK" not in os.environ:
-        raise SystemExit("normlab train: WORLD_SIZE > 1 but RANK is not set; start the "
-                         "processes with torchrun")
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _average_curve_over_ranks(result, world: int, device) -> None:
-    """Each rank logged the loss and accuracy of its own shard; replace them by the
-    means over the ranks (equal shards: those of the global batch) and recompute
-    ``final_train_loss`` as train() does, so rank 0 reports the global curve."""
-    import math
-
-    import torch
-    import torch.distributed as dist
-
-    n = len(result.curve["loss"])
-    sizes = torch.tensor([n, -n], dtype=torch.float64, device=device)
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    if int(sizes[0]) != n or int(sizes[1]) != -n:  # cannot happen: ranks stop together
-        raise RuntimeError("normlab train: the ranks logged different numbers of steps")
-    both = torch.tensor([result.curve["loss"], result.curve["acc"]], dtype=torch.float64,
-                        device=device)
-    dist.all_reduce(both)
-    both /= world
-    result.curve["loss"], result.curve["acc"] = both[0].tolist(), both[1].tolist()
-    losses = [v for s, v in zip(result.curve["step"], result.curve["loss"], strict=True)
-              if s <= result.steps_done]
-    if losses:
-        tail = max(1, math.ceil(0.1 * len(losses)))
-        result.final_train_loss = sum(losses[-tail:]) / tail
-
-
 def _run_train(args) -> int:
     import torch
 
-    from normlab import data, models
+    from normlab import data, distributed, models
     from normlab.train import train
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    # Under torchrun (WORLD_SIZE > 1) every process runs this: one model under
-    # DistributedDataParallel, each process on its shard of every global batch of
-    # batch_size x world samples, so it takes the steps of one process with that batch.
-    ddp_env = _torchrun_env()
-    rank, world, local_rank = ddp_env or (0, 1, 0)
-    device = torch.device(args.device)
-    if ddp_env and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    # Under torchrun every process runs this (normlab.distributed says how).
+    ddp_env = distributed.torchrun_env()
+    rank, world, _ = ddp_env or (0, 1, 0)
+    device = distributed.process_device(args.device, ddp_env)
     say = print if rank == 0 else (lambda *a, **k: None)
     kw = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     try:
@@ -209,27 +165,9 @@ def _run_train(args) -> int:
     say(f"normlab train: {args.model} (norm={args.norm}) on {ds.name} "
         f"({ds.num_train} train / {ds.num_test} test, {shape}), {batch}, "
         f"lr {args.lr}, {args.steps} steps, seed {args.seed}", flush=True)
-    net = model
-    if ddp_env:
-        import gc
 
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        from normlab.nn import to_sync_batchnorm
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        if ddp_env:
-            if args.sync_bn:
-                model = to_sync_batchnorm(model)
-            model.to(device)
-            net = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        result = train(
+    def run(net):
+        return train(
             net, ds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, optimizer=args.optimizer,
             schedule=args.schedule, warmup_steps=args.warmup, clip_grad_norm=args.clip,
@@ -237,16 +175,12 @@ def _run_train(args) -> int:
             progress=False if args.no_progress else None,
             desc=f"{args.model}/{args.norm}", rank=rank, world_size=world, config=config,
         )
-        if ddp_env:
-            _average_curve_over_ranks(result, world, device)
-    finally:
-        if ddp_env:
-            # destroy_process_group drops only c10d's references to the group: free the
-            # DDP wrapper (and its reducer, which holds the group) now, or the gloo
-            # group may be destroyed during interpreter shutdown, which can abort.
-            net = None
-            gc.collect()
-            dist.destroy_process_group()
+
+    if ddp_env:
+        model, result = distributed.train_data_parallel(model, device, world, args.sync_bn,
+                                                        run)
+    else:
+        result = run(model)
     if rank != 0:
         return 0
     r = result
@@ -422,7 +356,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="cpu (default with 1 thread: leaves out time other processes hold "
                    "the cores) or wall")
-    p.add_argument("--no-targets", action="store_true", help="skip the issue's target checks")
+    p.add_argument("--no-comparisons", action="store_true",
+                   help="skip the head-to-head comparisons (fused kernels, Online Norm's "
+                   "loop, the mixtures against BatchNorm, memory)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records as JSON")
     p.add_argument("--md", default=None, metavar="PATH", help="write the Markdown report")
     p.set_defaults(run=_run_bench)
@@ -448,7 +384,7 @@ def _run_bench(args) -> int:
         "warmup": 1 if quick else 2,
         "threads": args.threads,
         "clock": args.clock,
-        "targets": not args.no_targets,
+        "comparisons": not args.no_comparisons,
     }
     try:
         result = bench.run(**kw, progress=lambda s: print(f"normlab bench: {s}", flush=True))

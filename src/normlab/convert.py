@@ -72,7 +72,9 @@ def is_norm_layer(module: nn.Module) -> bool:
     ) or _is_frozen_bn(module)
 
 
-def _num_channels(module: nn.Module) -> int | None:
+def num_channels_of(module: nn.Module) -> int | None:
+    """The channel count of a normalization layer (normlab's, torch.nn's batch, instance,
+    group and one-dimension layer norms, frozen batch norms), or None if it has none."""
     if isinstance(module, nlnn.NormBase):
         return module.num_channels
     if isinstance(module, _NormBase):
@@ -170,37 +172,10 @@ def swap_norm(
     def build(path: str, old: nn.Module) -> nn.Module | None:
         if id(old) in memo:
             return memo[id(old)]
-        old_desc = _describe(old)
-        channels = _num_channels(old)
-        if channels is None:
-            replacements.append(Replacement(path, old_desc, None, "channel count unknown"))
-            return None
-        if isinstance(old, _LAST_DIM_NORMS) and not include_layer_norm:
-            replacements.append(Replacement(
-                path, old_desc, None,
-                "normalizes the last dimension; pass include_layer_norm=True to swap it"))
-            return None
-        layer_kwargs = dict(kwargs)
-        note = ""
-        is_group = isinstance(name, str) and get_norm_spec(name).name == "group"
-        if is_group and "num_groups" not in layer_kwargs:
-            groups = nlnn.choose_num_groups(channels)
-            layer_kwargs["num_groups"] = groups
-            note = f"num_groups={groups} chosen for {channels} channels"
-        try:
-            new = create_norm(name, channels, **layer_kwargs)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"swap_norm: cannot replace {path or '<root>'} ({old_desc}): {err}") \
-                from err
-        ref = _first_tensor(old)
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype)
-        new.train(old.training)
-        copied = _copy_state(old, new, channels)
-        if copied:
-            note = "; ".join(filter(None, [note, "copied " + ", ".join(copied)]))
-        replacements.append(Replacement(path, old_desc, _describe(new), note))
-        memo[id(old)] = new
+        new, replacement = _replacement(path, old, name, kwargs, include_layer_norm)
+        replacements.append(replacement)
+        if new is not None:
+            memo[id(old)] = new
         return new
 
     # Build every new layer before replacing any, so that an error leaves the model
@@ -227,6 +202,39 @@ def swap_norm(
     for r in replacements:
         log.info("swap_norm: %s", r)
     return model, replacements
+
+
+def _replacement(path: str, old: nn.Module, name, kwargs: dict, include_layer_norm: bool
+                 ) -> tuple[nn.Module | None, Replacement]:
+    """The new layer for ``old`` (None where it is kept) and the record saying so."""
+    old_desc = _describe(old)
+    channels = num_channels_of(old)
+    if channels is None:
+        return None, Replacement(path, old_desc, None, "channel count unknown")
+    if isinstance(old, _LAST_DIM_NORMS) and not include_layer_norm:
+        return None, Replacement(
+            path, old_desc, None,
+            "normalizes the last dimension; pass include_layer_norm=True to swap it")
+    layer_kwargs = dict(kwargs)
+    note = ""
+    is_group = isinstance(name, str) and get_norm_spec(name).name == "group"
+    if is_group and "num_groups" not in layer_kwargs:
+        groups = nlnn.choose_num_groups(channels)
+        layer_kwargs["num_groups"] = groups
+        note = f"num_groups={groups} chosen for {channels} channels"
+    try:
+        new = create_norm(name, channels, **layer_kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"swap_norm: cannot replace {path or '<root>'} ({old_desc}): {err}") \
+            from err
+    ref = _first_tensor(old)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    new.train(old.training)
+    copied = _copy_state(old, new, channels)
+    if copied:
+        note = "; ".join(filter(None, [note, "copied " + ", ".join(copied)]))
+    return new, Replacement(path, old_desc, _describe(new), note)
 
 
 def _describe(module: nn.Module) -> str:

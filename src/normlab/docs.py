@@ -1,15 +1,18 @@
 """``docs/choosing.md``: which normalization to use, with the lab's evidence.
 
-The page has two parts. What each method normalises, when to use it and when not, and
-its costs are written by hand, here, as the data :data:`METHODS` (one dict per
-method). The evidence is not typed: :func:`generate` fills it in from the JSON the lab
-writes, the claim verdicts of a study (``claims.json``, from ``normlab study``) and the
-speed ratios of a benchmark (the records of ``normlab bench --json``). Without them,
-the evidence reads "not measured yet". The command::
+The page has two parts. The prose (what each method normalises, when to use it and when
+not, its costs) is Markdown shipped with the package, one file per method in
+``normlab/guide/methods/`` (``NN_key.md``: a front matter of ``key: value`` lines, then
+one ``## heading`` section per field; ``NN`` orders the page) and a few page-wide texts
+in ``normlab/guide/``. The evidence is not typed: :func:`generate` fills it in from the
+JSON the lab writes, the claim records of a study (``claims.json``, from
+``normlab study``) and the speed ratios of a benchmark (the records of
+``normlab bench --json``). Without them, the evidence reads "not measured yet". The
+command::
 
     normlab docs --study normlab-study --bench bench.json --out docs/choosing.md
 
-regenerates the page; edit this module, not the Markdown.
+regenerates the page; edit the Markdown in ``src/normlab/guide/``, not the page.
 """
 
 from __future__ import annotations
@@ -18,427 +21,79 @@ import json
 import os
 import statistics
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 
-__all__ = ["METHODS", "load_claims", "load_bench", "bench_summary", "generate", "write"]
+__all__ = ["METHODS", "load_methods", "load_claims", "load_bench", "bench_summary",
+           "generate", "write"]
 
 NOT_MEASURED = "not measured yet"
 
-#: The hand-written part of docs/choosing.md, one entry per method, in page order.
-#: Keys: ``title``, ``paper``, ``build`` (how to get it), ``normalises``, ``use``,
-#: ``avoid``, ``costs``, ``portability`` (torch.compile / export / autocast notes),
-#: ``claims`` (ids of the lab's claims about it), ``bench`` (its names in
-#: ``normlab bench``), ``norms`` (its names in :func:`normlab.list_norms`, if any).
-METHODS: dict[str, dict] = {
-    "batch": {
-        "title": "Batch Normalization",
-        "paper": "Ioffe & Szegedy, 2015",
-        "build": '`create_norm("bn", C)`, `normlab.nn.BatchNorm(C)`',
-        "norms": ["batch"],
-        "normalises": "each channel over the batch and every trailing dimension "
-        "(N x H x W), with learned scale and shift; in eval, running averages of the "
-        "batch statistics replace them.",
-        "use": "convolutional and fully connected networks trained with batches of 16 "
-        "or more samples per device (32 is the common default); the reference every "
-        "other method is measured against. It allows higher learning rates and makes "
-        "the initial weight scale matter less.",
-        "avoid": "small or non-i.i.d. batches (below about 8 per device it degrades "
-        "quickly: use GroupNorm, Batch Renorm or SyncBatchNorm), recurrent networks "
-        "unrolled over time (see BN-LSTM), and whenever a sample's output must not "
-        "depend on the rest of its batch in training.",
-        "costs": "two reductions over the input in training plus the normalization "
-        "itself; 2C parameters and 2C running statistics. Training and eval compute "
-        "different functions, so a model can behave differently after `eval()`; "
-        "a model trained with it can be folded into the preceding convolution for "
-        "inference (`normlab.convert.fold_batchnorm`).",
-        "portability": "compiles without graph break and exports in eval mode. "
-        "`momentum=None` (cumulative average) reads the batch counter on the host: "
-        "one graph break per call under torch.compile. A `mask` adds a host-side "
-        "check (graph break). Under torch.compile the NaN guard of the running "
-        "statistics still keeps non-finite batches out of them, but the "
-        "RuntimeWarning naming the channels is only issued in eager mode. "
-        "torch.func.vmap works in eval or with `track_running_stats=False`, not while "
-        "running statistics are being updated.",
-        "claims": ["bn_fewer_steps", "bn_higher_lr", "bn_init_scale", "bn_less_dropout",
-                   "bn_conditioning", "internal_covariate_shift", "bn_small_batch"],
-        "bench": ["BatchNorm", "BatchNorm+LeakyReLU"],
-    },
-    "batch_renorm": {
-        "title": "Batch Renormalization",
-        "paper": "Ioffe, 2017",
-        "build": '`create_norm("brn", C)`, `normlab.nn.BatchRenorm(C, warmup="paper")`',
-        "norms": ["batch_renorm"],
-        "normalises": "as BatchNorm, then corrects the batch statistics towards the "
-        "running ones (factors r, d, clipped, without gradient), so that training "
-        "computes what eval will compute.",
-        "use": "batch norm with small (about 4) or non-i.i.d. batches, where the gap "
-        "between training and eval statistics hurts; a drop-in for BatchNorm "
-        "(same state_dict).",
-        "avoid": "large i.i.d. batches (plain BatchNorm is as good and simpler), and "
-        "very short trainings: the running statistics must be meaningful before the "
-        "correction helps, hence the paper's warm-up (plain BN for 5k steps).",
-        "costs": "BatchNorm's, plus a few per-channel operations; two hyper-parameters "
-        "(r_max, d_max) and their schedule.",
-        "portability": "compiles without graph break with `warmup=None` (the "
-        "default). With a warm-up schedule the limits depend on the step counter: a "
-        "graph break per call, and the changing limits recompile. torch 2.13's "
-        "AOTAutograd could recompute r and d in the backward from the already "
-        "updated running statistics (wrong gradients); normlab reads them through a "
-        "copy the partitioner always saves (pytorch PR #197039).",
-        "claims": [],
-        "bench": ["BatchRenorm"],
-    },
-    "sync_batch": {
-        "title": "SyncBatchNorm (any backend, CPU included)",
-        "paper": "Ioffe & Szegedy, 2015; cross-device statistics as in Peng et al., 2018",
-        "build": '`create_norm("syncbn", C)`, `normlab.nn.to_sync_batchnorm(model)`',
-        "norms": ["sync_batch"],
-        "normalises": "as BatchNorm, with the statistics taken over the batches of "
-        "every rank of a process group (gloo on the CPU works, unlike torch.nn's).",
-        "use": "data-parallel training where each rank's batch is too small for "
-        "BatchNorm but the global batch is not (detection, segmentation).",
-        "avoid": "single-process training (it is exactly BatchNorm there), and slow "
-        "interconnects: every training forward waits for an all_gather.",
-        "costs": "BatchNorm's plus one all_gather of 3 x C numbers forward and one "
-        "all_reduce of 2 x C backward per layer; every rank must call every "
-        "synchronised layer in the same order.",
-        "portability": "outside a process group: BatchNorm's. Inside one, not tested "
-        "under torch.compile or export (collectives).",
-        "claims": [],
-        "bench": [],
-    },
-    "mc_batchnorm": {
-        "title": "Monte Carlo Batch Normalization (uncertainty)",
-        "paper": "Teye, Azizpour & Smith, 2018",
-        "build": "`normlab.uncertainty.mc_batchnorm(model, train_data, x)`",
-        "norms": [],
-        "normalises": "nothing new: at inference, each BatchNorm layer takes the "
-        "statistics of a random training batch instead of its running averages, T "
-        "times; the spread of the T predictions estimates the model's uncertainty.",
-        "use": "a network already trained with BatchNorm that needs predictive "
-        "uncertainty without retraining (no dropout, no ensemble).",
-        "avoid": "latency-bound inference (T forward passes, plus the training batch "
-        "for each), and networks without batch norm.",
-        "costs": "T times the inference cost (plus T training-batch forwards); no "
-        "change to training.",
-        "portability": "an inference procedure over a model, not a layer: nothing to "
-        "compile or export on its own.",
-        "claims": ["mcbn_uncertainty"],
-        "bench": [],
-    },
-    "layer": {
-        "title": "Layer Normalization",
-        "paper": "Ba, Kiros & Hinton, 2016",
-        "build": '`create_norm("ln", C)`, `normlab.nn.LayerNorm(C)`',
-        "norms": ["layer"],
-        "normalises": "each sample over all of its channels and trailing dimensions "
-        "(C x H x W), with a per-channel scale and shift; the same in training and "
-        "eval. (GroupNorm with one group.)",
-        "use": "any batch size, batch size 1 included; sequence models and "
-        "transformers (for the channels-only variant of ConvNeXt and ViTs see "
-        "ChannelLayerNorm); when train and eval must compute the same function.",
-        "avoid": "convolutional networks where channels carry very different "
-        "statistics: normalising them together usually trains worse than BN or GN at "
-        "normal batch sizes.",
-        "costs": "two reductions per sample; 2C parameters, no running statistics.",
-        "portability": "compiles without graph break, exports, keeps channels_last "
-        "(torch.nn.LayerNorm over (C, H, W) returns a contiguous output).",
-        "claims": ["ln_tiny_batch"],
-        "bench": ["LayerNorm"],
-    },
-    "layer_channels": {
-        "title": "Channel Layer Normalization (LayerNorm2d)",
-        "paper": "Ba et al., 2016, as applied by ConvNeXt (Liu et al., 2022)",
-        "build": '`create_norm("ln2d", C)`, `normlab.nn.ChannelLayerNorm(C)`',
-        "norms": ["layer_channels"],
-        "normalises": "each position of each sample over its C channels only: what "
-        "torch.nn.LayerNorm(C) does to channels-last input, on (N, C, *) tensors "
-        "without permuting them (timm's LayerNorm2d).",
-        "use": "ConvNeXt-style and transformer-style convolutional blocks; any batch "
-        "size.",
-        "avoid": "classic ResNets (BN or GN are the studied choices there).",
-        "costs": "a reduction over C at every position; 2C parameters.",
-        "portability": "compiles without graph break, exports, keeps channels_last.",
-        "claims": [],
-        "bench": ["ChannelLayerNorm"],
-    },
-    "rms": {
-        "title": "RMS Normalization",
-        "paper": "Zhang & Sennrich, 2019",
-        "build": '`create_norm("rms", C)`, `normlab.nn.RMSNorm(C)`',
-        "norms": ["rms"],
-        "normalises": "each sample by the root mean square of its C x H x W values, "
-        "without centring and without shift.",
-        "use": "where LayerNorm works and its centring is not needed (large "
-        "language models): one reduction instead of two.",
-        "avoid": "inputs with a large common offset, which RMSNorm keeps (it does not "
-        "subtract the mean).",
-        "costs": "one reduction per sample; C parameters.",
-        "portability": "compiles without graph break, exports, keeps channels_last. "
-        "Its default eps is the machine epsilon of the input dtype (torch.nn.RMSNorm's "
-        "convention), so bfloat16 input uses a larger eps than float32.",
-        "claims": [],
-        "bench": ["RMSNorm"],
-    },
-    "instance": {
-        "title": "Instance Normalization",
-        "paper": "Ulyanov, Vedaldi & Lempitsky, 2016",
-        "build": '`create_norm("in", C)`, `normlab.nn.InstanceNorm(C)`',
-        "norms": ["instance"],
-        "normalises": "each channel of each sample over its trailing dimensions "
-        "(H x W): per-image contrast normalization. No affine and no running "
-        "statistics by default, as torch.nn.",
-        "use": "style transfer and image generation, where each image's contrast "
-        "should be removed.",
-        "avoid": "classification: it removes information the classifier needs (GN "
-        "with more channels per group keeps it).",
-        "costs": "two reductions per (sample, channel); none or 2C parameters.",
-        "portability": "compiles without graph break, exports, keeps channels_last "
-        "(torch.nn.InstanceNorm2d returns a contiguous output).",
-        "claims": [],
-        "bench": ["InstanceNorm"],
-    },
-    "group": {
-        "title": "Group Normalization",
-        "paper": "Wu & He, 2018",
-        "build": '`create_norm("gn", C)` (32 groups at most), '
-        "`normlab.nn.GroupNorm(C, num_groups=32)`",
-        "norms": ["group"],
-        "normalises": "each sample over groups of C/G consecutive channels and the "
-        "trailing dimensions; G = 1 is LayerNorm, G = C InstanceNorm.",
-        "use": "convolutional networks trained with small batches per device "
-        "(detection, segmentation, video, high-resolution inputs): its accuracy does "
-        "not depend on the batch size; train and eval compute the same function.",
-        "avoid": "large-batch image classification, where BN is usually slightly "
-        "better; channel counts with no good divisor (use `choose_num_groups`).",
-        "costs": "two reductions per (sample, group); 2C parameters, no running "
-        "statistics; cannot be folded into the convolution for inference.",
-        "portability": "compiles without graph break, exports, keeps channels_last.",
-        "claims": ["gn_batch_stable"],
-        "bench": ["GroupNorm"],
-    },
-    "switchable": {
-        "title": "Switchable Normalization",
-        "paper": "Luo, Ren, Peng, Zhang & Li, 2019",
-        "build": '`create_norm("sn", C)`, `normlab.nn.SwitchableNorm(C)`',
-        "norms": ["switchable"],
-        "normalises": "with a learned softmax mixture of the instance, layer and "
-        "batch statistics (separate weights for the means and the variances).",
-        "use": "when the right normalizer is not known in advance, or differs between "
-        "layers; its learned weights show which statistics each layer prefers.",
-        "avoid": "the smallest budgets (the mixture weights need training), and "
-        "batch size 1 unless `using_bn=False`.",
-        "costs": "the three sets of statistics from one pass of instance moments; 6 "
-        "extra parameters per layer and BatchNorm's running statistics.",
-        "portability": "compiles without graph break (normlab checks its flags on the "
-        "host rather than a tensor), exports in eval mode.",
-        "claims": ["sn_matches_best"],
-        "bench": ["SwitchableNorm"],
-    },
-    "attentive": {
-        "title": "Attentive Normalization",
-        "paper": "Li, Sun & Wu, 2020",
-        "build": '`create_norm("an", C)`, `normlab.nn.AttentiveNorm(C, num_components=10)`',
-        "norms": ["attentive"],
-        "normalises": "as BatchNorm (or GroupNorm) without affine, followed by a "
-        "per-sample mixture of K learned affine transforms weighted by an attention "
-        "on the input's channel statistics.",
-        "use": "where BN works and a small gain is worth extra parameters (the paper "
-        "reports ImageNet gains of ResNets and MobileNets over BN).",
-        "avoid": "tight parameter budgets or tiny networks; batch size 1 with "
-        "`norm=\"batch\"` (the attention's batch norm needs 2 samples).",
-        "costs": "3KC + 2K - 2C parameters more than BatchNorm; a C x K matmul per "
-        "sample for the attention.",
-        "portability": "compiles without graph break, exports. Under autocast the "
-        "attention matmul runs in bfloat16 (autocast's policy), so its output is "
-        "within two bfloat16 roundings of float32's.",
-        "claims": ["an_beats_bn"],
-        "bench": ["AttentiveNorm"],
-    },
-    "online": {
-        "title": "Online Normalization",
-        "paper": "Chiley et al., 2019",
-        "build": '`create_norm("on", C)`, `normlab.nn.OnlineNorm(C)`',
-        "norms": ["online"],
-        "normalises": "each sample with exponentially decaying averages of the "
-        "statistics of the samples before it (streaming, batch size 1 allowed); its "
-        "backward is the paper's controlled gradient, not the gradient of the forward.",
-        "use": "training at batch size 1 or with streaming data where BN's batch "
-        "statistics do not exist, and memory-bound training (no batch needed).",
-        "avoid": "when a standard, well-studied layer will do; when double backward "
-        "or the exact gradient of the forward is needed.",
-        "costs": "per-channel state (running mean and variance, and the backward's "
-        "controllers u, v, which backward updates); scans over the batch (log2 N "
-        "vectorised steps) rather than a loop over samples.",
-        "portability": "compiles without graph break in training and eval, with the "
-        "same controllers u, v after backward as eager; exports in eval mode. "
-        "Backward mutates u and v: a second backward through the same graph is not "
-        "idempotent.",
-        "claims": ["online_batch1"],
-        "bench": ["OnlineNorm"],
-    },
-    "weight_norm": {
-        "title": "Weight Normalization",
-        "paper": "Salimans & Kingma, 2016; initialisation by Arpit, Campos & Bengio, 2019",
-        "build": "`normlab.nn.weight_norm(layer)`, then `normlab.init.arpit_init_` or "
-        "`normlab.init.data_dependent_init_`",
-        "norms": [],
-        "normalises": "weights, not activations: each output unit's weight vector is "
-        "g v / ||v||, decoupling its length g from its direction v.",
-        "use": "networks where batch statistics are unwanted (reinforcement learning, "
-        "generative models, tiny batches), with a proper initialisation.",
-        "avoid": "deep networks with the default initialisation: without a "
-        "data-dependent or Arpit et al. init they train badly.",
-        "costs": "one norm per output unit per forward (on the weights, cheap); no "
-        "dependence on the batch.",
-        "portability": "a torch parametrization: compiles without graph break, "
-        "exports, pickles, deep-copies; `reset_parameters()` (after `to_empty()` from "
-        "the meta device) reaches g and v.",
-        "claims": ["weightnorm_arpit_init"],
-        "bench": [],
-    },
-    "enorm": {
-        "title": "Equi-normalization (ENorm)",
-        "paper": "Stock, Graham, Gribonval & Jegou, 2019",
-        "build": "`normlab.nn.ENorm(model)`, `.step()` after each optimizer step",
-        "norms": [],
-        "normalises": "weights: after each optimizer step, rescales consecutive "
-        "layers of a ReLU network so that each hidden unit's incoming and outgoing "
-        "weight norms are balanced, without changing the network's function.",
-        "use": "plain ReLU networks without batch norm, notably at small batch sizes.",
-        "avoid": "networks with BatchNorm (it changes their function) or with "
-        "non-homogeneous activations.",
-        "costs": "one balancing pass over the weights per step; no activation cost.",
-        "portability": "an operation on the weights between steps, not a layer: "
-        "nothing to compile or export.",
-        "claims": ["enorm_small_batch"],
-        "bench": [],
-    },
-    "selu": {
-        "title": "Self-normalizing networks (SELU, Alpha Dropout)",
-        "paper": "Klambauer, Unterthiner, Mayr & Hochreiter, 2017",
-        "build": "`normlab.nn.SELU()`, `normlab.nn.AlphaDropout(p)`, "
-        "`normlab.init.lecun_normal_`, `normlab.models.self_normalizing_mlp`",
-        "norms": [],
-        "normalises": "nothing explicitly: with LeCun-normal weights, SELU keeps "
-        "activations near mean 0 and variance 1 through depth (an attracting fixed "
-        "point); Alpha Dropout keeps that fixed point.",
-        "use": "deep fully connected networks on tabular data, without any "
-        "normalization layer.",
-        "avoid": "convolutional networks and models that need ordinary dropout or "
-        "other initialisations (they break the fixed point).",
-        "costs": "an activation function: no parameters, no statistics.",
-        "portability": "compiles without graph break, exports, keeps channels_last. "
-        "AlphaDropout's masks under torch.compile come from inductor's own random "
-        "generator (equal to eager only with `fallback_random`).",
-        "claims": ["selu_self_normalizes", "selu_deep_mlp"],
-        "bench": ["SELU"],
-    },
-    "fixup": {
-        "title": "Fixup initialization",
-        "paper": "Zhang, Dauphin & Ma, 2019",
-        "build": "`normlab.models.fixup_resnet`, `normlab.init.fixup_param_groups`",
-        "norms": [],
-        "normalises": "nothing: residual branches start at zero (last layer zero, "
-        "others rescaled by L^(-1/(2m-2))) with scalar biases and multipliers, so a "
-        "deep residual network trains without normalization.",
-        "use": "residual networks where normalization layers are unwanted (batch "
-        "dependence, inference cost).",
-        "avoid": "networks without residual connections.",
-        "costs": "none at run time beyond a few scalars per block.",
-        "portability": "plain layers: nothing specific.",
-        "claims": ["fixup_no_norm"],
-        "bench": [],
-    },
-    "ghn": {
-        "title": "Generalized Hamming Networks",
-        "paper": "Fan, 2017",
-        "build": "`normlab.nn.GHNLinear`, `normlab.nn.GHNConv2d`, "
-        "`normlab.nn.DoubleThreshold`",
-        "norms": [],
-        "normalises": "nothing: each neuron's bias is computed from its weights and "
-        "inputs (the generalized Hamming distance), which the paper argues is what "
-        "batch norm learns to approximate.",
-        "use": "experiments on networks without BN and without learned biases.",
-        "avoid": "production models: evidence beyond the original paper is thin.",
-        "costs": "one extra reduction of the input per layer (a convolution with "
-        "ones for GHNConv2d).",
-        "portability": "compiles without graph break, exports, keeps channels_last.",
-        "claims": ["ghn_fast_learning"],
-        "bench": [],
-    },
-    "bnlstm": {
-        "title": "BN-LSTM (recurrent batch normalization)",
-        "paper": "Cooijmans, Ballas, Laurent, Gulcehre & Courville, 2017",
-        "build": "`normlab.nn.BNLSTM(input_size, hidden_size)`",
-        "norms": [],
-        "normalises": "the input-to-hidden and hidden-to-hidden terms and the cell "
-        "output of an LSTM, over the batch, with statistics of each time step.",
-        "use": "LSTMs trained with batches of normal size on sequences of bounded "
-        "length (faster convergence, e.g. sequential MNIST).",
-        "avoid": "tiny batches, and sequences longer at test than in training "
-        "(steps past the last trained one reuse its statistics).",
-        "costs": "three batch norms per step, running statistics per step "
-        "(max_steps x 4H); a Python loop over time steps, several times slower "
-        "than torch.nn.LSTM's fused kernel.",
-        "portability": "torch.compile unrolls the time loop: no graph break, but "
-        "compile time grows with the sequence length and each new length compiles "
-        "again; `lengths`/`mask` add host-side checks (graph breaks). Exports (ONNX "
-        "included) for a fixed length.",
-        "claims": ["bnlstm_per_step"],
-        "bench": [],
-    },
-    "input_bnlstm": {
-        "title": "LSTM with batch-normalized inputs",
-        "paper": "Laurent, Pereyra, Brakel, Zhang & Bengio, 2016",
-        "build": '`normlab.nn.InputBNLSTM(input_size, hidden_size, statistics="sequence")`',
-        "norms": [],
-        "normalises": "only the input-to-hidden term, over the batch and all time "
-        "steps (sequence-wise) or per step (frame-wise).",
-        "use": "speech-like, variable-length sequences where faster training of the "
-        "criterion is the goal.",
-        "avoid": "expecting better generalisation: the paper found more overfitting.",
-        "costs": "one batch norm over all steps at once; the recurrence as an LSTM "
-        "in Python (slower than torch.nn.LSTM).",
-        "portability": "as BN-LSTM.",
-        "claims": ["input_bn_lstm"],
-        "bench": [],
-    },
-    "lnlstm": {
-        "title": "LN-LSTM",
-        "paper": "Ba, Kiros & Hinton, 2016",
-        "build": "`normlab.nn.LNLSTM(input_size, hidden_size)`",
-        "norms": [],
-        "normalises": "the gate pre-activations and the cell output of each sample "
-        "at each step (no batch statistics).",
-        "use": "recurrent networks at any batch size, batch size 1 included.",
-        "avoid": "bfloat16 autocast where accuracy matters: layer norm of the "
-        "bfloat16 gate matmuls amplifies their rounding (measured up to about 14 "
-        "bfloat16 roundings from float32 on a 4-step test, against 2 for "
-        "torch.nn.LSTM).",
-        "costs": "three layer norms per step; the recurrence in Python.",
-        "portability": "as BN-LSTM.",
-        "claims": [],
-        "bench": [],
-    },
-    "none": {
-        "title": "No normalization",
-        "paper": "",
-        "build": '`create_norm("none", C)` (an identity that takes the channel count)',
-        "norms": ["none"],
-        "normalises": "nothing.",
-        "use": "baselines, and networks made trainable otherwise (Fixup, SELU, "
-        "weight normalization, careful initialisation).",
-        "avoid": "deep networks with a plain initialisation.",
-        "costs": "none.",
-        "portability": "nothing to say.",
-        "claims": [],
-        "bench": [],
-    },
-}
+# The front-matter keys of a method file (the last three are comma-separated lists) and
+# its sections, heading -> key.
+_META = ("title", "paper", "build", "norms", "claims", "bench")
+_LISTS = ("norms", "claims", "bench")
+_SECTIONS = {"Normalises": "normalises", "Use it for": "use", "Avoid it for": "avoid",
+             "Costs": "costs", "torch.compile, export, autocast": "portability"}
 
-_FIELDS = ("title", "paper", "build", "norms", "normalises", "use", "avoid", "costs",
-           "portability", "claims", "bench")
+
+def _guide(name: str) -> str:
+    return (resources.files("normlab") / "guide" / name).read_text(encoding="utf-8")
+
+
+def _unwrap(text: str) -> str:
+    """Each paragraph of ``text`` on one line (headings, lists, tables and code as they
+    are), so that the page does not depend on how the source was wrapped."""
+    blocks = []
+    for block in text.strip().split("\n\n"):
+        verbatim = block.lstrip().startswith(("#", "-", "|", "```", "<"))
+        blocks.append(block if verbatim else " ".join(block.split()))
+    return "\n\n".join(blocks)
+
+
+def _parse_method(name: str, text: str) -> dict:
+    """A method file's front matter and sections as the dict :data:`METHODS` holds."""
+    lines = text.splitlines()
+    if not lines or lines[0] != "---" or "---" not in lines[1:]:
+        raise ValueError(f"normlab.docs: guide/methods/{name} must start with a front "
+                         "matter between two '---' lines")
+    end = lines.index("---", 1)
+    m: dict = {}
+    for line in lines[1:end]:
+        key, _, value = line.partition(":")
+        value = value.strip()
+        m[key.strip()] = ([v.strip() for v in value.split(",") if v.strip()]
+                          if key.strip() in _LISTS else value)
+    field, body = None, []
+    for line in lines[end + 1:] + ["## "]:
+        if line.startswith("## "):
+            if field is not None:
+                m[field] = _unwrap("\n".join(body))
+            heading = line[3:].strip()
+            field, body = _SECTIONS.get(heading, heading or None), []
+        else:
+            body.append(line)
+    missing = [f for f in (*_META, *_SECTIONS.values()) if f not in m]
+    if missing:
+        raise ValueError(f"normlab.docs: guide/methods/{name} lacks {missing}")
+    return m
+
+
+def load_methods() -> dict[str, dict]:
+    """The hand-written part of the page, ``{key: method}`` in page order, from
+    ``normlab/guide/methods/NN_key.md``. A method's keys: ``title``, ``paper``,
+    ``build`` (how to get it), ``normalises``, ``use``, ``avoid``, ``costs``,
+    ``portability`` (torch.compile / export / autocast notes), ``claims`` (ids of the
+    lab's claims about it), ``bench`` (its names in ``normlab bench``), ``norms`` (its
+    names in :func:`normlab.list_norms`, if any)."""
+    folder = resources.files("normlab") / "guide" / "methods"
+    names = sorted(f.name for f in folder.iterdir() if f.name.endswith(".md"))
+    return {n[:-3].split("_", 1)[1]: _parse_method(n, (folder / n).read_text(encoding="utf-8"))
+            for n in names}
+
+
+#: The hand-written part of docs/choosing.md (see :func:`load_methods`).
+METHODS: dict[str, dict] = load_methods()
 
 
 # ------------------------------------------------------------------------ loading the JSON
@@ -583,6 +238,45 @@ def _one_line(text) -> str:
     return " ".join(str(text or "").split())
 
 
+def _num(x) -> str:
+    return "n/a" if not isinstance(x, (int, float)) else f"{x:.3g}"
+
+
+def _effect_line(e: dict) -> str:
+    """One measured effect of a claim record (the protocol's format): the estimate, its
+    interval, the side of the threshold the paper's claim puts it on, the verdict."""
+    unit = f" {e['unit']}" if e.get("unit") else ""
+    conf = e.get("confidence")
+    level = f"{round(100 * conf)}% " if isinstance(conf, (int, float)) else ""
+    side = {"greater": f"above {_num(e.get('threshold'))}",
+            "less": f"below {_num(e.get('threshold'))}"}.get(e.get("test"))
+    if e.get("test") == "equivalent":
+        side = f"within {_num(e.get('margin'))} of {_num(e.get('threshold'))}"
+    claim = f"; the paper's claim: {side}{unit}" if side else ""
+    verdict = f": {e['verdict']}" if e.get("verdict") else ""
+    return (f"  - {_one_line(e.get('name') or e.get('key') or 'effect')}: "
+            f"{_num(e.get('estimate'))}{unit}, {level}interval [{_num(e.get('low'))}, "
+            f"{_num(e.get('high'))}]{claim}{verdict}")
+
+
+def _claim_record_lines(c: dict) -> list[str]:
+    """A claim record as Markdown. The protocol's records (with ``effects``) give the
+    verdict and takeaway, each effect's interval, and the scale note; older records
+    give the verdict and its reason."""
+    number = f"{c['number']}. " if c.get("number") is not None else ""
+    title = _one_line(c.get("title") or c.get("statement") or c["id"])
+    effects = c.get("effects")
+    new = isinstance(effects, list)
+    summary = _one_line(c.get("takeaway") if new and c.get("takeaway") else c.get("reason"))
+    lines = [f"- Claim {number}{title} (`{c['id']}`): **{c['verdict']}**"
+             + (f": {summary}" if summary else ".")]
+    if new:
+        lines += [_effect_line(e) for e in effects if isinstance(e, dict)]
+        if c.get("scale_note"):
+            lines.append(f"  - Scale: {_one_line(c['scale_note'])}")
+    return lines
+
+
 def _claim_lines(claims: list[dict] | None, ids: list[str]) -> list[str]:
     if not ids:
         return ["- Claims: the lab has no claim about it yet."]
@@ -591,15 +285,10 @@ def _claim_lines(claims: list[dict] | None, ids: list[str]) -> list[str]:
     by_id = {c["id"]: c for c in claims}
     lines = []
     for cid in ids:
-        c = by_id.get(cid)
-        if c is None:
+        if cid in by_id:
+            lines += _claim_record_lines(by_id[cid])
+        else:
             lines.append(f"- Claim `{cid}`: {NOT_MEASURED} (not in this study).")
-            continue
-        number = f"{c['number']}. " if c.get("number") is not None else ""
-        title = _one_line(c.get("title") or c.get("statement") or cid)
-        reason = _one_line(c.get("reason"))
-        lines.append(f"- Claim {number}{title} (`{cid}`): **{c['verdict']}**"
-                     + (f": {reason}" if reason else "."))
     return lines
 
 
@@ -616,31 +305,6 @@ def _aliases_table() -> list[str]:
     return rows
 
 
-_RECIPES = """\
-## Putting a normlab layer into someone else's model
-
-Every normlab layer takes the channel count first, so any factory with a `norm_layer`
-argument called as `norm_layer(num_channels)` accepts it (tested against local replicas
-of timm's and torchvision's call patterns, and against the real libraries where
-installed: `tests/test_interop.py`).
-
-- torchvision ResNet (it calls `norm_layer(num_channels)`; the group count goes by
-  keyword):
-
-  ```python
-  import functools, torchvision, normlab
-  model = torchvision.models.resnet50(
-      norm_layer=functools.partial(normlab.nn.GroupNorm, num_groups=32))
-  ```
-
-- timm: pass a class (`norm_layer=normlab.nn.BatchNorm`), a partial of a class with
-  keywords only (`functools.partial(normlab.nn.GroupNorm, num_groups=32)`), or a function
-  (`norm_layer=lambda c, **kw: normlab.create_norm("gn", c, **kw)`). Not
-  `functools.partial(normlab.create_norm, "gn")`: timm's `get_norm_layer` keeps a
-  partial's keywords and drops its positional arguments.
-- Any existing model: `model, replaced = normlab.convert.swap_norm(model, "gn")` replaces
-  every norm layer in place and says what it did.
-"""
 
 
 def _method_section(key: str, m: dict, claims, records) -> list[str]:
@@ -705,7 +369,7 @@ def generate(claims: list[dict] | None = None, bench: list[dict] | None = None,
     Claims of the study that no method lists appear at the end, so that none is lost.
     """
     for key, m in METHODS.items():
-        missing = [f for f in _FIELDS if f not in m]
+        missing = [f for f in (*_META, *_SECTIONS.values()) if f not in m]
         if missing:
             raise ValueError(f"normlab.docs.METHODS[{key!r}] lacks {missing}")
     src_claims = (f"`{study_label or 'claims.json'}` ({len(claims)} claims)"
@@ -717,12 +381,10 @@ def generate(claims: list[dict] | None = None, bench: list[dict] | None = None,
     out = [
         "# Choosing a normalization layer",
         "",
-        "<!-- Generated by `normlab docs`: edit src/normlab/docs.py, not this file. -->",
+        "<!-- Generated by `normlab docs`: edit the Markdown in src/normlab/guide/, "
+        "not this file. -->",
         "",
-        "Per method: what it normalises, when to use it and when not, what it costs, "
-        "and the evidence: the verdicts of the lab's claims (`normlab study`) and the "
-        "speed measured by `normlab bench`. The evidence is filled in from their JSON; "
-        "where none was given it reads \"not measured yet\".",
+        _unwrap(_guide("intro.md")),
         "",
         f"- Claim verdicts: {src_claims}.",
         f"- Speed: {src_bench}. A ratio is the peer's time over normlab's time in the "
@@ -736,11 +398,7 @@ def generate(claims: list[dict] | None = None, bench: list[dict] | None = None,
         "|---|---|---|",
     ]
     out += [_summary_row(k, m, claims, bench) for k, m in METHODS.items()]
-    out += ["", "Rules of thumb: batch statistics (BatchNorm, Batch Renorm, SyncBatchNorm) "
-            "at 16 or more samples per device; per-sample statistics (GroupNorm, "
-            "LayerNorm) below that or when train and eval must agree; no activation "
-            "normalization at all with Fixup, SELU or weight normalization when batch "
-            "dependence must go.", "", "## Methods", ""]
+    out += ["", _unwrap(_guide("rules_of_thumb.md")), "", "## Methods", ""]
     for key, m in METHODS.items():
         out += _method_section(key, m, claims, bench)
     if claims is not None:
@@ -749,14 +407,7 @@ def generate(claims: list[dict] | None = None, bench: list[dict] | None = None,
         if others:
             out += ["## Other claims of the study", ""]
             out += _claim_lines(others, [c["id"] for c in others]) + [""]
-    out += [_RECIPES, "## Names other libraries use", ""]
-    out += ["`normlab.create_norm` accepts the names timm, mmcv, detectron2, Keras, Flax "
-            "and torch.nn give the same layers. Two differ in meaning: timm's and mmcv's "
-            "`layernorm`/`LN` normalise the last dimension of channels-last tensors, and "
-            "detectron2's `LN` the channels of (N, C, H, W); normlab's `ln` is over "
-            "C x H x W, its `ln2d` over the channels only. timm's `rmsnorm2d` (RMS over "
-            "the channels) and `frozenbatchnorm2d` have no normlab layer "
-            "(`normlab.convert.freeze_batchnorm` freezes a BatchNorm).", ""]
+    out += [_guide("recipes.md"), _unwrap(_guide("names.md")), ""]
     out += _aliases_table() + [""]
     return "\n".join(out)
 

@@ -1,7 +1,13 @@
-"""The one place where normlab computes moments.
+"""The one place where normlab computes moments itself.
 
-Every layer gets its mean and variance from :func:`moments` (or its mean square from
-:func:`mean_square`), so a numerical fix made here reaches every layer at once.
+Every reference path (``path="reference"``, masked input, the synchronised layers,
+other devices than the CPU) gets its mean and variance from :func:`moments` (or its mean
+square from :func:`mean_square`), so a numerical fix made here reaches every one of
+them at once. The default CPU path of the batch, instance, layer and group norms
+hands the call to torch's own kernel instead where that is measured to be as accurate
+(:mod:`normlab.functional.fastpath`, with the accuracy note and the shift-and-redo
+that keeps it so), and the opt-in fused kernels (``fused=True``, :mod:`normlab.kernels`)
+compute theirs in C++ from shifted sums; the tests hold both to float64 references.
 
 Numerics
 --------
@@ -32,7 +38,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "moments", "mean_square", "stat_dtype", "unbiased", "combine_moments"]
+__all__ = [
+    "Moments", "moments", "mean_square", "stat_dtype", "unbiased", "combine_moments", "check_mask",
+]
 
 
 class Moments(NamedTuple):
@@ -77,7 +85,9 @@ def _mean(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     return x.mean(dims, keepdim=True)
 
 
-def _check_mask(x: Tensor, mask: Tensor) -> Tensor:
+def check_mask(x: Tensor, mask: Tensor) -> Tensor:
+    """``mask`` expanded to ``x``'s shape; TypeError if it is not bool, ValueError if it
+    does not broadcast to ``x``."""
     if mask.dtype != torch.bool:
         raise TypeError(f"normlab.stats: mask must be a bool tensor, got {mask.dtype}")
     try:
@@ -123,7 +133,7 @@ def moments(
         for d in dims:
             count *= x.shape[d]
     else:
-        mask = _check_mask(x, mask)
+        mask = check_mask(x, mask)
         count = mask.sum(dims, keepdim=True)
         safe_count = count.clamp(min=1).to(x.dtype)
         acc = torch.float64 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
@@ -155,7 +165,7 @@ def mean_square(
     if mask is None:
         out = (x * x).mean(dims, keepdim=True)
     else:
-        mask = _check_mask(x, mask)
+        mask = check_mask(x, mask)
         count = mask.sum(dims, keepdim=True).clamp(min=1).to(x.dtype)
         out = torch.where(mask, x * x, x.new_zeros(())).sum(dims, keepdim=True) / count
     return out if keepdim else out.squeeze(dims)

@@ -48,6 +48,7 @@ noise model may differ in detail (e.g. a point inside its batch is correlated wi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -56,9 +57,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import stats
-from normlab.nn.base import NormBase
+from normlab.convert import num_channels_of
+from normlab.functional.common import batch_dims, channel_shape
 from normlab.nn.batch import BatchNorm, BatchRenorm
 
 __all__ = [
@@ -103,17 +105,13 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _num_channels(layer: nn.Module) -> int:
-    return layer.num_channels if isinstance(layer, NormBase) else layer.num_features
-
-
 class _MCLayer:
     """Replaces a BatchNorm layer's forward during :func:`mc_batchnorm`: "capture"
     normalizes with the batch's own statistics and stores them; "predict" normalizes
     with the stored statistics."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
-        self.name = f"{name} ({type(layer).__name__}({_num_channels(layer)}))"
+        self.name = f"{name} ({type(layer).__name__}({num_channels_of(layer)}))"
         self.layer = layer
         self.phase = "capture"
         # One (mean, var) per call, replayed in the same order when predicting, so a
@@ -129,8 +127,8 @@ class _MCLayer:
 
     def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         layer = self.layer
-        F.check_input(x, _num_channels(layer), self.name)
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        NF.check_input(x, num_channels_of(layer), self.name)
+        shape = channel_shape(x)
         if self.phase == "capture":
             if mask is None and x.numel() // x.shape[1] == 1:
                 raise ValueError(
@@ -138,8 +136,7 @@ class _MCLayer:
                     f"training batch (input shape {tuple(x.shape)}); the training batches "
                     "need at least 2 samples"
                 )
-            dims = (0,) + tuple(range(2, x.dim()))
-            mean, var, _ = stats.moments(x, dims, mask=mask)
+            mean, var, _ = stats.moments(x, batch_dims(x), mask=mask)
             self.stats.append((mean.flatten(), var.flatten()))
         elif self.calls >= len(self.stats):
             raise RuntimeError(
@@ -151,7 +148,7 @@ class _MCLayer:
         self.calls += 1
         weight = None if layer.weight is None else layer.weight.view(shape)
         bias = None if layer.bias is None else layer.bias.view(shape)
-        return F.normalize(x, mean.view(shape), var.view(shape), layer.eps, weight, bias)
+        return NF.normalize(x, mean.view(shape), var.view(shape), layer.eps, weight, bias)
 
 
 def _first_tensor(batch, index: int) -> Tensor:
@@ -271,6 +268,21 @@ def mc_batchnorm(
         ValueError: no BatchNorm layer, bad ``samples``, ``batch_size`` or ``tau``, a
             training batch with one value per channel (the message names the layer).
     """
+    layers = _checked_mc_layers(model, inputs, samples, tau)
+    batches = _batches(train_batches, batch_size, generator)
+    with _sampling(model, layers) as mc_layers:
+        mean, m2, kept = _welford(
+            (_mc_sample(model, mc_layers, next(batches), inputs) for _ in range(samples)),
+            return_samples)
+    var = m2 / samples
+    if tau is not None:
+        var = var + 1.0 / tau
+    return MCPrediction(mean, var, kept)
+
+
+def _checked_mc_layers(model, inputs, samples, tau) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers, after checking mc_batchnorm's arguments; warns
+    about the other layers with running statistics (their noise is not sampled)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"mc_batchnorm: model must be a torch.nn.Module, got {type(model)}")
     if not isinstance(inputs, Tensor):
@@ -293,10 +305,15 @@ def mc_batchnorm(
                 "but is not a BatchNorm layer; it predicts with its running statistics, so its "
                 "batch noise is not sampled",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    batches = _batches(train_batches, batch_size, generator)
+    return layers
 
+
+@contextlib.contextmanager
+def _sampling(model: nn.Module, layers) -> Iterator[list[_MCLayer]]:
+    """Every BatchNorm layer's forward replaced by an :class:`_MCLayer` for the block;
+    afterwards the forwards, every buffer and every train/eval flag as they were."""
     modes = [(m, m.training) for m in model.modules()]
     saved_buffers = []
     for module in model.modules():
@@ -307,37 +324,8 @@ def mc_batchnorm(
     own_forward = [layer.__dict__.get("forward") for _, layer in layers]
     for mc, (_, layer) in zip(mc_layers, layers, strict=True):
         layer.forward = mc
-
-    total = None
-    m2 = None
-    kept = []
     try:
-        for t in range(samples):
-            batch = next(batches)
-            if batch.device != inputs.device:
-                batch = batch.to(inputs.device)
-            for mc in mc_layers:
-                mc.start("capture")
-            model.train()
-            model(batch)
-            for mc in mc_layers:
-                mc.start("predict")
-            model.eval()
-            out = model(inputs)
-            if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"mc_batchnorm: the model must return one tensor, got {type(out).__name__}"
-                )
-            out = out.detach().to(stats.stat_dtype(out.dtype))
-            if return_samples:
-                kept.append(out)
-            # Welford's update: numerically stable mean and sum of squared deviations.
-            if total is None:
-                total, m2 = out.clone(), torch.zeros_like(out)
-            else:
-                delta = out - total
-                total += delta / (t + 1)
-                m2 += delta * (out - total)
+        yield mc_layers
     finally:
         for (_, layer), forward in zip(layers, own_forward, strict=True):
             del layer.forward
@@ -348,10 +336,43 @@ def mc_batchnorm(
             module._buffers[key] = original
         for module, flag in modes:
             module.training = flag
-    var = m2 / samples
-    if tau is not None:
-        var = var + 1.0 / tau
-    return MCPrediction(total, var, torch.stack(kept) if return_samples else None)
+
+
+def _mc_sample(model: nn.Module, mc_layers, batch: Tensor, inputs: Tensor) -> Tensor:
+    """One MC sample: the BatchNorm statistics of ``batch`` (train mode), then the
+    prediction of ``inputs`` with them (eval mode), in the statistics dtype."""
+    if batch.device != inputs.device:
+        batch = batch.to(inputs.device)
+    for mc in mc_layers:
+        mc.start("capture")
+    model.train()
+    model(batch)
+    for mc in mc_layers:
+        mc.start("predict")
+    model.eval()
+    out = model(inputs)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"mc_batchnorm: the model must return one tensor, got {type(out).__name__}"
+        )
+    return out.detach().to(stats.stat_dtype(out.dtype))
+
+
+def _welford(outs: Iterable[Tensor], keep: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mean and sum of squared deviations of ``outs`` by Welford's update (numerically
+    stable), and the stacked ``outs`` if ``keep``."""
+    total = m2 = None
+    kept = []
+    for t, out in enumerate(outs):
+        if keep:
+            kept.append(out)
+        if total is None:
+            total, m2 = out.clone(), torch.zeros_like(out)
+        else:
+            delta = out - total
+            total += delta / (t + 1)
+            m2 += delta * (out - total)
+    return total, m2, torch.stack(kept) if keep else None
 
 
 def predictive_log_likelihood(
@@ -468,7 +489,7 @@ class StochasticNormalization(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        F.check_input(x, self.num_channels, f"StochasticNormalization({self.num_channels})")
+        NF.check_input(x, self.num_channels, f"StochasticNormalization({self.num_channels})")
         shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
         if self.training:
             s, u = sample_batch_noise(self.num_channels, self.batch_size, x.device,

@@ -1,23 +1,25 @@
 """Every normalization method as a function of tensors (no module state).
 
-One file per family: :mod:`normlab.functional.core` holds the shared arithmetic
-(:func:`normalize`, :func:`update_running_`, input checks) and the batch and
-per-sample norms. Everything is re-exported here, so ``normlab.functional.batch_norm``
+One file per family: :mod:`normlab.functional.core` holds the batch and per-sample
+norms as their papers write them, :mod:`normlab.functional.mixture` the Switchable and
+Attentive mixtures, :mod:`normlab.functional.online` Online Normalization.
+:mod:`normlab.functional.common` holds what they share (:func:`normalize`,
+:func:`update_running_`, input checks), and :mod:`normlab.functional.fastpath` the
+dispatch to torch's own CPU kernels where they are as accurate, with the accuracy
+note. Everything is re-exported here, so ``normlab.functional.batch_norm``
 is the name to use.
 """
 
+from normlab.functional.common import check_input, normalize, update_running_
 from normlab.functional.core import (
     batch_norm,
     batch_renorm,
     channel_layer_norm,
-    check_input,
     group_norm,
     instance_norm,
     layer_norm,
-    normalize,
     renorm_limits,
     rms_norm,
-    update_running_,
 )
 from normlab.functional.mixture import (
     attention_weights,

@@ -1,7 +1,7 @@
 """Learned mixtures of normalizers: Switchable Normalization and Attentive Normalization.
 
 Both start from the *instance* moments (per sample and channel, over the trailing
-dimensions), taken once (:func:`normlab.functional.core.instance_moments_fast`: torch's
+dimensions), taken once (:func:`normlab.functional.fastpath.instance_moments_fast`: torch's
 native group norm per channel where it is robust, else :mod:`normlab.stats`). Every coarser
 statistic (layer, group, batch) is derived from them exactly by the law of total
 variance over equal-sized groups,
@@ -17,16 +17,13 @@ full-size input.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.nn import functional as tnf
 
 from normlab import stats
-from normlab.functional.core import (
-    batch_norm,
-    instance_moments_fast,
-    normalize,
-    update_running_,
-)
+from normlab.functional.common import normalize, update_running_
+from normlab.functional.core import batch_norm
+from normlab.functional.fastpath import instance_moments_fast
 
 __all__ = [
     "SWITCHABLE_TERMS",
@@ -109,7 +106,7 @@ def _batch_term(
     """Batch mean and biased variance ``(1, C, 1)`` of ``xr`` ``(N, C, L)`` and their count.
 
     Locally they are pooled from the instance moments (exact, no further pass). With
-    ``moments_fn`` (the synchronisation hook of :mod:`normlab.nn.sync`) in training they
+    ``moments_fn`` (the synchronisation hook of :mod:`normlab.nn.sync_stats`) in training they
     are ``moments_fn(xr, (0, 2))``, the moments over every rank's batch, differentiable;
     the size check then uses the global count, so that every rank raises alike (a
     local check could raise on one rank and leave the others waiting).
@@ -187,8 +184,8 @@ def switchable_norm(
       variance). Otherwise (eval) the running statistics stand in for the BN term,
       while IN and LN still come from the sample.
     * ``moments_fn(x, dims, mask=None) -> Moments``, if given, supplies the BN term in
-      training (the synchronisation hook of :mod:`normlab.nn.sync`:
-      :func:`~normlab.nn.sync.sync_moments` gives the moments over every rank's batch,
+      training (the synchronisation hook of :mod:`normlab.nn.sync_stats`:
+      :func:`~normlab.nn.sync_stats.sync_moments` gives the moments over every rank's batch,
       and the running variance is unbiased with the global count). IN and LN are per
       sample and stay local.
     """
@@ -275,7 +272,7 @@ def attention_weights(
         z = normalize(z, mu, var, eps, aw, ab)
     else:
         raise ValueError(f"{name}: norm must be 'batch' or 'group', got {norm!r}")
-    return tnf.hardsigmoid(z)
+    return F.hardsigmoid(z)
 
 
 def attentive_norm(
@@ -315,7 +312,7 @@ def attentive_norm(
 
     ``moments_fn(x, dims, mask=None) -> Moments``, if given, supplies the batch moments
     in training, of :math:`\hat{x}` and of the attention's batch norm over the K outputs
-    (``norm="batch"``; the synchronisation hook of :mod:`normlab.nn.sync`, which makes
+    (``norm="batch"``; the synchronisation hook of :mod:`normlab.nn.sync_stats`, which makes
     both global over the ranks). The attention's instance moments stay per sample.
     """
     n, c = x.shape[:2]

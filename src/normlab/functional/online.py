@@ -15,7 +15,7 @@ coefficient takes a chunked cumulative sum instead, and so do coefficients all i
 (0, 1] with a cumulative product). The scans run on per-(sample, channel) statistics.
 In :func:`online_norm` the full-size work is the per-sample moments and
 :math:`\hat x = (x - m)/s` (torch's native group norm with one group per channel,
-:func:`normlab.functional.core.instance_normalized`) and one multiply-add forward, and
+:func:`normlab.functional.fastpath.instance_normalized`) and one multiply-add forward, and
 in backward two reductions (means of g and g * x_hat per sample) and two fused
 multiply-adds over x_hat and g. :func:`online_norm_step` (what ``OnlineNorm`` trains
 with, ECM "ls" or None) takes the affine and layer scaling into the same function and
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from normlab import stats
-from normlab.functional.core import instance_normalized, normalize, update_running_
+from normlab.functional.common import channel_shape, normalize, update_running_
+from normlab.functional.fastpath import instance_normalized
 
 __all__ = ["linear_scan", "online_norm", "online_norm_step", "layer_scaling",
            "activation_clamp"]
@@ -277,7 +278,7 @@ def online_norm(
     ordinary gradient of that expression.
     """
     if not training:
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        shape = channel_shape(x)
         return normalize(x, running_mean.view(shape), running_var.view(shape), eps)
     return _OnlineNormFunction.apply(
         x, (running_mean, running_var, u, v), float(alpha_fwd), float(alpha_bkw), float(eps),
@@ -433,40 +434,13 @@ class _OnlineNormStep(torch.autograd.Function):
                 gz = torch.addmv(gz, g_sum.t(), b.flatten())
             h = gz.mul_(r * r * r / (c * length))  # (N,)
         w_dtype, b_dtype = ctx.param_dtypes
-        grad_w = grad_b = None
-        if w_dtype is not None and ctx.needs_input_grad[1]:
-            # sum over (n, L) of g_z y, g_z = r g - h z
-            dw = gy_sum.sum(1) if r is None else torch.mv(gy_sum, r)
-            if h is not None:
-                hl = h * length
-                dw.sub_(torch.mv(y_sq, hl) * (1.0 if w is None else w.flatten()))
-                if b is not None:
-                    dw.sub_(torch.mv(y_mean, hl) * b.flatten())
-            grad_w = dw.to(w_dtype)
-        if b_dtype is not None and ctx.needs_input_grad[2]:
-            db = g_sum.sum(1) if r is None else torch.mv(g_sum, r)
-            if h is not None:
-                hl = h * length
-                db.sub_(torch.mv(y_mean, hl) * (1.0 if w is None else w.flatten()))
-                db.sub_(hl.sum() * b.flatten())
-            grad_b = db.to(b_dtype)
+        grad_w, grad_b = _online_param_grads(
+            w_dtype if ctx.needs_input_grad[1] else None,
+            b_dtype if ctx.needs_input_grad[2] else None,
+            gy_sum, g_sum, y_mean, y_sq, w, b, r, h, length)
         if not ctx.needs_input_grad[0]:
             return None, grad_w, grad_b, None, None, None, None, None, None, None
-        # Per-(n, c) means of g_y and of g_y y.
-        rl = (1.0 / length) if r is None else r / length
-        gy_g = g_sum * rl
-        gy_y = gy_sum.mul_(rl)
-        if h is not None:
-            z_mean = y_mean if w is None else y_mean * w
-            zy_mean = y_sq if w is None else y_sq * w
-            if b is not None:
-                z_mean = z_mean + b
-                zy_mean = zy_mean + y_mean * b
-            gy_g.addcmul_(z_mean, h, value=-1.0)
-            gy_y.addcmul_(zy_mean, h, value=-1.0)
-        if w is not None:
-            gy_g.mul_(w)
-            gy_y.mul_(w)
+        gy_g, gy_y = _grad_y_means(gy_sum, g_sum, y_mean, y_sq, w, b, r, h, length)
         f64 = torch.float64
         # g'_t = g_y,t - k v_{t-1} y_t ;  v_t = v_{t-1} + mean(g'_t y_t)
         vs = _states((y_sq * -k).add_(1.0), gy_y, v.detach().to(f64))
@@ -504,6 +478,50 @@ class _OnlineNormStep(torch.autograd.Function):
         update_running_(u, us[:, -1], 1.0, name)
         update_running_(v, vs[:, -1], 1.0, name)
         return grad_in, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _online_param_grads(w_dtype, b_dtype, gy_sum, g_sum, y_mean, y_sq, w, b, r, h,
+                        length):
+    """The gradients of the affine ``weight`` and ``bias`` (None where ``w_dtype`` /
+    ``b_dtype`` is None: not wanted) from the per-(n, c) sums of g and g y: the sums
+    over (n, L) of g_z y and g_z, with g_z = r g - h z."""
+    grad_w = grad_b = None
+    if w_dtype is not None:
+        dw = gy_sum.sum(1) if r is None else torch.mv(gy_sum, r)
+        if h is not None:
+            hl = h * length
+            dw.sub_(torch.mv(y_sq, hl) * (1.0 if w is None else w.flatten()))
+            if b is not None:
+                dw.sub_(torch.mv(y_mean, hl) * b.flatten())
+        grad_w = dw.to(w_dtype)
+    if b_dtype is not None:
+        db = g_sum.sum(1) if r is None else torch.mv(g_sum, r)
+        if h is not None:
+            hl = h * length
+            db.sub_(torch.mv(y_mean, hl) * (1.0 if w is None else w.flatten()))
+            db.sub_(hl.sum() * b.flatten())
+        grad_b = db.to(b_dtype)
+    return grad_w, grad_b
+
+
+def _grad_y_means(gy_sum, g_sum, y_mean, y_sq, w, b, r, h, length):
+    """Per-(n, c) means of g_y and of g_y y, with g_y = w r g - w h z the gradient
+    reaching y (``gy_sum`` is overwritten)."""
+    rl = (1.0 / length) if r is None else r / length
+    gy_g = g_sum * rl
+    gy_y = gy_sum.mul_(rl)
+    if h is not None:
+        z_mean = y_mean if w is None else y_mean * w
+        zy_mean = y_sq if w is None else y_sq * w
+        if b is not None:
+            z_mean = z_mean + b
+            zy_mean = zy_mean + y_mean * b
+        gy_g.addcmul_(z_mean, h, value=-1.0)
+        gy_y.addcmul_(zy_mean, h, value=-1.0)
+    if w is not None:
+        gy_g.mul_(w)
+        gy_y.mul_(w)
+    return gy_g, gy_y
 
 
 def online_norm_step(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.optim.lr_scheduler import LRScheduler
 
-from normlab.nn.weight import _output_unit_dim, _wn_list
+from normlab.nn.weight import output_unit_dim, weight_norm_list
 from normlab.stats import moments
 
 __all__ = [
@@ -40,7 +40,7 @@ def _wn_layers(model: nn.Module, fn: str) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
     layers = []
     for name, module in model.named_modules():
-        plist = _wn_list(module, "weight")
+        plist = weight_norm_list(module, "weight")
         if plist is None:
             continue
         label = name or type(module).__name__.removeprefix("Parametrized")
@@ -49,7 +49,7 @@ def _wn_layers(model: nn.Module, fn: str) -> list[tuple[str, nn.Module]]:
                 f"{fn}: layer '{label}' ({type(module).__name__}) is weight-normalized but is "
                 "not a Linear or convolution layer"
             )
-        unit_dim = _output_unit_dim(module)
+        unit_dim = output_unit_dim(module)
         if plist[0].dim != unit_dim:
             raise ValueError(
                 f"{fn}: layer '{label}' is weight-normalized over dim={plist[0].dim}, but its "
@@ -70,6 +70,58 @@ def _g_v(module: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------- data-dependent init
+
+
+def _call(model: nn.Module, batch):
+    """``model(batch)``: a dict gives keyword arguments, a tuple/list positional ones."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _init_from_output(module: nn.Module, label: str, output, eps: float) -> Tensor:
+    """Set ``g`` and the bias of ``module`` from its ``output`` on the init batch (see
+    :func:`data_dependent_init_`) and return that output normalized."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"data_dependent_init_: layer '{label}' returned {type(output).__name__}, "
+            "expected a tensor"
+        )
+    weight_dims = module.parametrizations.weight.original1.dim()
+    unbatched = output.dim() == weight_dims - 1
+    channel = output.dim() - 1 if isinstance(module, nn.Linear) else int(not unbatched)
+    others = [d for d in range(output.dim()) if d != channel]
+    if not others:
+        raise ValueError(
+            f"data_dependent_init_: layer '{label}' output of shape "
+            f"{tuple(output.shape)} has a single sample per unit"
+        )
+    mean, var, _ = moments(output, others, keepdim=False)
+    if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        raise ValueError(
+            f"data_dependent_init_: layer '{label}' produced non-finite statistics "
+            "on the init batch (NaN or inf in its output)"
+        )
+    dead = var <= eps
+    if bool(dead.any()):
+        warnings.warn(
+            f"data_dependent_init_: layer '{label}' has {int(dead.sum())} unit(s) "
+            f"with variance <= {eps:g} on the init batch; only their mean was set",
+            stacklevel=3,
+        )
+    sigma = torch.where(dead, torch.ones_like(var), var.sqrt())
+    g, _ = _g_v(module)
+    g.mul_((1.0 / sigma).to(g.dtype).view(g.shape))
+    shape = [1] * output.dim()
+    shape[channel] = -1
+    if module.bias is not None:
+        module.bias.sub_(mean.to(module.bias.dtype)).div_(sigma.to(module.bias.dtype))
+        centred = output - mean.to(output.dtype).view(shape)
+    else:
+        centred = output
+    return centred / sigma.to(output.dtype).view(shape)
 
 
 def data_dependent_init_(
@@ -133,56 +185,14 @@ def data_dependent_init_(
             if id(module) in done:
                 return None
             done.add(id(module))
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"data_dependent_init_: layer '{label}' returned {type(output).__name__}, "
-                    "expected a tensor"
-                )
-            weight_dims = module.parametrizations.weight.original1.dim()
-            unbatched = output.dim() == weight_dims - 1
-            channel = output.dim() - 1 if isinstance(module, nn.Linear) else int(not unbatched)
-            others = [d for d in range(output.dim()) if d != channel]
-            if not others:
-                raise ValueError(
-                    f"data_dependent_init_: layer '{label}' output of shape "
-                    f"{tuple(output.shape)} has a single sample per unit"
-                )
-            mean, var, _ = moments(output, others, keepdim=False)
-            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-                raise ValueError(
-                    f"data_dependent_init_: layer '{label}' produced non-finite statistics "
-                    "on the init batch (NaN or inf in its output)"
-                )
-            dead = var <= eps
-            if bool(dead.any()):
-                warnings.warn(
-                    f"data_dependent_init_: layer '{label}' has {int(dead.sum())} unit(s) "
-                    f"with variance <= {eps:g} on the init batch; only their mean was set",
-                    stacklevel=2,
-                )
-            sigma = torch.where(dead, torch.ones_like(var), var.sqrt())
-            g, _ = _g_v(module)
-            g.mul_((1.0 / sigma).to(g.dtype).view(g.shape))
-            shape = [1] * output.dim()
-            shape[channel] = -1
-            if module.bias is not None:
-                module.bias.sub_(mean.to(module.bias.dtype)).div_(sigma.to(module.bias.dtype))
-                centred = output - mean.to(output.dtype).view(shape)
-            else:
-                centred = output
-            return centred / sigma.to(output.dtype).view(shape)
+            return _init_from_output(module, label, output, eps)
 
         return hook
 
     handles = [m.register_forward_hook(make_hook(label)) for label, m in layers]
     try:
         with torch.no_grad():
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            _call(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -206,6 +216,27 @@ def _fans(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     return module.in_channels, module.out_channels
+
+
+def _role_gain(label: str, module: nn.Module, blocks_per_stage: int | None) -> float:
+    """The gain of a layer from its ``arpit_role`` (default "relu"): the table
+    :data:`ARPIT_ROLE_GAINS`, or 1/N for a "residual" layer of a stage of N blocks."""
+    role = getattr(module, "arpit_role", "relu")
+    if role == "residual":
+        n = getattr(module, "arpit_blocks_per_stage", blocks_per_stage)
+        if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(
+                f"arpit_init_: layer '{label}' is marked 'residual' but the number of "
+                f"blocks per stage is {n!r}; pass blocks_per_stage=N or set "
+                "module.arpit_blocks_per_stage"
+            )
+        return 1.0 / n
+    if role in ARPIT_ROLE_GAINS:
+        return ARPIT_ROLE_GAINS[role]
+    raise ValueError(
+        f"arpit_init_: layer '{label}' has arpit_role={role!r}; expected one of "
+        f"{sorted([*ARPIT_ROLE_GAINS, 'residual'])}"
+    )
 
 
 def arpit_init_(
@@ -278,41 +309,36 @@ def arpit_init_(
         raise ValueError(
             f"arpit_init_: blocks_per_stage must be a positive int, got {blocks_per_stage!r}"
         )
-    for label, module in layers:
-        if label in gains:
-            gain = float(gains[label])
-        else:
-            role = getattr(module, "arpit_role", "relu")
-            if role == "residual":
-                n = getattr(module, "arpit_blocks_per_stage", blocks_per_stage)
-                if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                    raise ValueError(
-                        f"arpit_init_: layer '{label}' is marked 'residual' but the number of "
-                        f"blocks per stage is {n!r}; pass blocks_per_stage=N or set "
-                        "module.arpit_blocks_per_stage"
-                    )
-                gain = 1.0 / n
-            elif role in ARPIT_ROLE_GAINS:
-                gain = ARPIT_ROLE_GAINS[role]
-            else:
-                raise ValueError(
-                    f"arpit_init_: layer '{label}' has arpit_role={role!r}; expected one of "
-                    f"{sorted([*ARPIT_ROLE_GAINS, 'residual'])}"
-                )
-        if not (gain > 0 and math.isfinite(gain)):
-            raise ValueError(f"arpit_init_: layer '{label}' gain must be positive, got {gain}")
-        fan_in, fan_out = _fans(module)
-        g, v = _g_v(module)
-        unit = _output_unit_dim(module)
-        moved = v.movedim(unit, 0)
-        q = torch.empty(moved.shape[0], moved[0].numel(), dtype=torch.float64)
-        nn.init.orthogonal_(q, generator=generator)
-        with torch.no_grad():
-            v.copy_(q.view(moved.shape).movedim(0, unit).to(v.dtype))
-            g.fill_(math.sqrt(gain * fan_in / fan_out))
-            if module.bias is not None:
-                module.bias.zero_()
+    # Every gain first, so that a bad one raises before any layer is changed.
+    layer_gains = [(module, _layer_gain(label, module, gains, blocks_per_stage))
+                   for label, module in layers]
+    for module, gain in layer_gains:
+        _orthogonal_init_(module, gain, generator)
     return model
+
+
+def _layer_gain(label: str, module: nn.Module, gains: Mapping[str, float],
+                blocks_per_stage: int | None) -> float:
+    gain = float(gains[label]) if label in gains else _role_gain(label, module,
+                                                                  blocks_per_stage)
+    if not (gain > 0 and math.isfinite(gain)):
+        raise ValueError(f"arpit_init_: layer '{label}' gain must be positive, got {gain}")
+    return gain
+
+
+def _orthogonal_init_(module: nn.Module, gain: float, generator) -> None:
+    """``v`` orthogonal, ``g = sqrt(gain fan_in / fan_out)``, bias 0 (see arpit_init_)."""
+    fan_in, fan_out = _fans(module)
+    g, v = _g_v(module)
+    unit = output_unit_dim(module)
+    moved = v.movedim(unit, 0)
+    q = torch.empty(moved.shape[0], moved[0].numel(), dtype=torch.float64)
+    nn.init.orthogonal_(q, generator=generator)
+    with torch.no_grad():
+        v.copy_(q.view(moved.shape).movedim(0, unit).to(v.dtype))
+        g.fill_(math.sqrt(gain * fan_in / fan_out))
+        if module.bias is not None:
+            module.bias.zero_()
 
 
 # ------------------------------------------------------------------------ warm-up

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from normlab import stats
+from normlab.functional.common import batch_dims
 from normlab.functional.core import batch_norm as _default_batch_norm
-from normlab.functional.core import update_running_pair_
+from normlab.functional.fastpath import update_running_pair_
 from normlab.kernels._build import load_library
 from normlab.kernels._tensors import DTYPES as _DTYPES
 from normlab.kernels._tensors import layout as _layout
@@ -122,7 +123,7 @@ class _SaveOutputBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope):
-        dims = (0,) + tuple(range(2, x.dim()))
+        dims = batch_dims(x)
         mean, var, _ = stats.moments(x, dims)
         compute = mean.dtype
         shape = mean.shape
@@ -152,6 +153,17 @@ class _SaveOutputBatchNorm(torch.autograd.Function):
         gw = sum_dy_xhat.flatten() if has_w else None
         gb = sum_dy.flatten() if has_b else None
         return dx.to(grad_z.dtype), gw, gb, None, None, None
+
+
+def _check_invertible(act: int, negative_slope: float, name: str) -> None:
+    """save_memory recovers the input from the output: the activation must invert."""
+    if act == 2 and negative_slope <= 0:
+        raise ValueError(f"{name}: save_memory needs negative_slope > 0, got {negative_slope}")
+    if act == 1:
+        raise ValueError(
+            f"{name}: save_memory needs an invertible activation (None or 'leaky_relu'); "
+            "relu loses the sign of its input"
+        )
 
 
 def batch_norm(
@@ -197,13 +209,8 @@ def batch_norm(
       convolution does), the block keeps one tensor instead of two.
     """
     act = _act_code(activation)
-    if act == 2 and negative_slope <= 0 and save_memory:
-        raise ValueError(f"{name}: save_memory needs negative_slope > 0, got {negative_slope}")
-    if act == 1 and save_memory:
-        raise ValueError(
-            f"{name}: save_memory needs an invertible activation (None or 'leaky_relu'); "
-            "relu loses the sign of its input"
-        )
+    if save_memory:
+        _check_invertible(act, negative_slope, name)
     use_batch = training or running_mean is None or running_var is None
     if not use_batch:
         y = _default_batch_norm(x, running_mean, running_var, weight, bias, False, momentum,

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from normlab.functional.core import update_running_
+from normlab.functional.common import update_running_
 from normlab.kernels._build import load_library
 from normlab.kernels._tensors import DTYPES as _DTYPES
 from normlab.kernels._tensors import ptr as _ptr

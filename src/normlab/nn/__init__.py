@@ -4,11 +4,10 @@
 from normlab.nn.base import Identity, NormBase
 from normlab.nn.batch import PAPER_RENORM_WARMUP, BatchNorm, BatchRenorm
 from normlab.nn.enorm import ENorm
-from normlab.nn.hamming import DoubleThreshold, GHNConv2d, GHNLinear
+from normlab.nn.ghn import DoubleThreshold, GHNConv2d, GHNLinear
 from normlab.nn.mixture import AttentiveNorm, SwitchableNorm
 from normlab.nn.online import OnlineNorm
-from normlab.nn.recurrent import BNLSTM, LNLSTM, InputBNLSTM
-from normlab.nn.sample import (
+from normlab.nn.per_sample import (
     ChannelLayerNorm,
     GroupNorm,
     InstanceNorm,
@@ -17,6 +16,7 @@ from normlab.nn.sample import (
     RMSNorm,
     choose_num_groups,
 )
+from normlab.nn.recurrent import BNLSTM, LNLSTM, InputBNLSTM
 from normlab.nn.selu import SELU, AlphaDropout
 from normlab.nn.sync import SyncBatchNorm, to_sync_batchnorm
 from normlab.nn.weight import WeightNorm, remove_weight_norm, weight_norm

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlab import functional as F
+from normlab import functional as NF
 
 __all__ = ["NormBase", "Identity"]
 
@@ -106,7 +106,7 @@ class NormBase(nn.Module):
         # The common case in a few cheap tests; the message is built only on failure.
         if (not isinstance(x, Tensor) or x.dim() < min_dim or x.shape[1] != self.num_channels
                 or not x.is_floating_point()):
-            F.check_input(x, self.num_channels, self.layer_name, min_dim)
+            NF.check_input(x, self.num_channels, self.layer_name, min_dim)
 
     def _momentum_factor(self) -> float:
         """The weight of this training batch's statistics in the running average, the

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab.nn.base import NormBase
+from normlab.nn.sync_stats import moments_fn_for
 
 __all__ = ["BatchNorm", "BatchRenorm", "PAPER_RENORM_WARMUP"]
 
@@ -136,7 +137,7 @@ class BatchNorm(NormBase):
             return y
         if mask is not None and self.activation is not None:
             raise ValueError(f"{self.layer_name}: a mask is not supported with activation")
-        y = F.batch_norm(
+        y = NF.batch_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -207,7 +208,7 @@ class BatchRenorm(NormBase):
         - Input: :math:`(N, C, *)`; output of the same shape.
 
     Distributed training: it follows the batch-statistics synchronisation protocol
-    of :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    of :mod:`normlab.nn.sync_stats`. With ``sync_batch_stats = True`` (set by
     :func:`normlab.nn.to_sync_batchnorm`) the batch moments, hence r, d and the
     running statistics, are taken over every rank of ``process_group`` (None: the
     default group).
@@ -217,7 +218,7 @@ class BatchRenorm(NormBase):
     call, and recompilation as the limits change.
     """
 
-    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    #: Synchronisation protocol (normlab.nn.sync_stats): global batch moments when True.
     sync_batch_stats: bool = False
     #: The process group of the global moments; None is the default group.
     process_group = None
@@ -257,23 +258,19 @@ class BatchRenorm(NormBase):
         """``(r_max, d_max)`` that the next training step will use."""
         if self.warmup is None:  # no int() of the step counter: no host sync, no graph break
             return self.r_max, self.d_max
-        return F.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max, self.warmup)
+        return NF.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max, self.warmup)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
         if not self.training:
-            return F.batch_renorm(
+            return NF.batch_renorm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 training=False, eps=self.eps,
             )
         r_max, d_max = self.current_limits()
         factor = self._momentum_factor()
-        moments_fn = None
-        if self.sync_batch_stats:
-            from normlab.nn.sync import moments_fn_for  # sync imports this module
-
-            moments_fn = moments_fn_for(self)
-        y = F.batch_renorm(
+        moments_fn = moments_fn_for(self) if self.sync_batch_stats else None
+        y = NF.batch_renorm(
             x,
             self.running_mean,
             self.running_var,

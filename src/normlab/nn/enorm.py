@@ -229,6 +229,8 @@ class ENorm:
     # ------------------------------------------------------------------ parsing
     @staticmethod
     def _parse(chain, fn):
+        """The chain's weight layers, their names and the junctions between them; a
+        ValueError naming the layer for anything ENorm cannot balance exactly."""
         weight_idx = [i for i, (_, m) in enumerate(chain) if _is_weight_layer(m)]
         for name, m in chain:
             if isinstance(m, _ConvTransposeNd):
@@ -241,7 +243,7 @@ class ENorm:
                 f"{fn}: the chain has {len(weight_idx)} Linear/Conv layer(s); ENorm balances "
                 "the hidden units between at least two"
             )
-        layers, names, junctions, seen = [], [], [], set()
+        layers, names, seen = [], [], set()
         for i in weight_idx:
             name, m = chain[i]
             if id(m) in seen:
@@ -254,86 +256,10 @@ class ENorm:
                 )
             layers.append(m)
             names.append(name)
+        junctions = []
         for a, b in zip(weight_idx[:-1], weight_idx[1:], strict=True):
-            (pname, prev), (nname, nxt) = chain[a], chain[b]
-            flattened = False
-            for name, m in chain[a + 1 : b]:
-                kind = type(m)
-                if isinstance(m, _NORMS):
-                    raise ValueError(
-                        f"{fn}: layer '{name}' ({kind.__name__}) is a normalization layer between "
-                        f"'{pname}' and '{nname}': it would absorb the rescaling of '{pname}' "
-                        "and ENorm would change the function"
-                    )
-                if kind in _HOMOGENEOUS:
-                    if isinstance(m, nn.PReLU) and m.num_parameters not in (
-                        1,
-                        _out_units(prev),
-                    ):
-                        raise ValueError(f"{fn}: layer '{name}' (PReLU) has a parameter count "
-                                         "that does not match its input channels")
-                    continue
-                if kind in _POOLS:
-                    if getattr(m, "return_indices", False):
-                        raise ValueError(
-                            f"{fn}: layer '{name}' ({kind.__name__}) returns indices"
-                        )
-                    if flattened or isinstance(prev, nn.Linear):
-                        raise ValueError(
-                            f"{fn}: layer '{name}' ({kind.__name__}) pools a flattened / "
-                            "Linear output, which mixes units"
-                        )
-                    continue
-                if kind is nn.Flatten:
-                    if m.start_dim != 1 or m.end_dim != -1:
-                        raise ValueError(
-                            f"{fn}: layer '{name}' is Flatten(start_dim={m.start_dim}, "
-                            f"end_dim={m.end_dim}); only Flatten(1, -1) is supported"
-                        )
-                    if flattened:
-                        raise ValueError(f"{fn}: layer '{name}' is a second Flatten")
-                    flattened = True
-                    continue
-                raise ValueError(
-                    f"{fn}: layer '{name}' ({kind.__name__}) between '{pname}' and '{nname}' is "
-                    "not known to commute with positive per-channel scaling (ENorm accepts "
-                    "ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, zero padding and "
-                    "one Flatten); the function could not be preserved"
-                )
-            units = _out_units(prev)
-            block = 1
-            if isinstance(nxt, nn.Linear):
-                if isinstance(prev, nn.Linear):
-                    if nxt.in_features != units:
-                        raise ValueError(
-                            f"{fn}: '{pname}' has {units} outputs but '{nname}' expects "
-                            f"{nxt.in_features}"
-                        )
-                else:
-                    if not flattened:
-                        raise ValueError(
-                            f"{fn}: '{pname}' ({type(prev).__name__}) feeds the Linear '{nname}' "
-                            "without an nn.Flatten between them"
-                        )
-                    if nxt.in_features % units:
-                        raise ValueError(
-                            f"{fn}: '{nname}' has {nxt.in_features} inputs, not a multiple of "
-                            f"the {units} channels of '{pname}'"
-                        )
-                    block = nxt.in_features // units
-            else:
-                if isinstance(prev, nn.Linear) or flattened:
-                    raise ValueError(
-                        f"{fn}: convolution '{nname}' follows '{pname}' "
-                        f"({type(prev).__name__}{' and a Flatten' if flattened else ''}); "
-                        "only conv->conv, conv->Flatten->Linear and Linear->Linear are supported"
-                    )
-                if nxt.in_channels != units:
-                    raise ValueError(
-                        f"{fn}: '{pname}' has {units} output channels but '{nname}' expects "
-                        f"{nxt.in_channels}"
-                    )
-            junctions.append(_Junction(block))
+            flattened = _check_between(chain, a, b, fn)
+            junctions.append(_Junction(_junction_block(chain[a], chain[b], flattened, fn)))
         return layers, names, junctions
 
     # ------------------------------------------------------------------ norms
@@ -430,3 +356,87 @@ def _acc(w: Tensor) -> torch.dtype:
 
 def _out_units(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _check_between(chain, a: int, b: int, fn: str) -> bool:
+    """Check the layers strictly between weight layers ``chain[a]`` and ``chain[b]``
+    commute with positive per-channel scaling; True if one of them is a Flatten."""
+    (pname, prev), (nname, _) = chain[a], chain[b]
+    flattened = False
+    for name, m in chain[a + 1 : b]:
+        kind = type(m)
+        if isinstance(m, _NORMS):
+            raise ValueError(
+                f"{fn}: layer '{name}' ({kind.__name__}) is a normalization layer between "
+                f"'{pname}' and '{nname}': it would absorb the rescaling of '{pname}' "
+                "and ENorm would change the function"
+            )
+        if kind in _HOMOGENEOUS:
+            if isinstance(m, nn.PReLU) and m.num_parameters not in (1, _out_units(prev)):
+                raise ValueError(f"{fn}: layer '{name}' (PReLU) has a parameter count "
+                                 "that does not match its input channels")
+            continue
+        if kind in _POOLS:
+            if getattr(m, "return_indices", False):
+                raise ValueError(f"{fn}: layer '{name}' ({kind.__name__}) returns indices")
+            if flattened or isinstance(prev, nn.Linear):
+                raise ValueError(
+                    f"{fn}: layer '{name}' ({kind.__name__}) pools a flattened / "
+                    "Linear output, which mixes units"
+                )
+            continue
+        if kind is nn.Flatten:
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ValueError(
+                    f"{fn}: layer '{name}' is Flatten(start_dim={m.start_dim}, "
+                    f"end_dim={m.end_dim}); only Flatten(1, -1) is supported"
+                )
+            if flattened:
+                raise ValueError(f"{fn}: layer '{name}' is a second Flatten")
+            flattened = True
+            continue
+        raise ValueError(
+            f"{fn}: layer '{name}' ({kind.__name__}) between '{pname}' and '{nname}' is "
+            "not known to commute with positive per-channel scaling (ENorm accepts "
+            "ReLU, LeakyReLU, PReLU, Identity, Dropout, pooling, zero padding and "
+            "one Flatten); the function could not be preserved"
+        )
+    return flattened
+
+
+def _junction_block(prev_entry, next_entry, flattened: bool, fn: str) -> int:
+    """How many inputs of the next layer each unit of the previous one feeds (1, or the
+    positions a Flatten spreads a channel over), after checking the shapes meet."""
+    (pname, prev), (nname, nxt) = prev_entry, next_entry
+    units = _out_units(prev)
+    if isinstance(nxt, nn.Linear):
+        if isinstance(prev, nn.Linear):
+            if nxt.in_features != units:
+                raise ValueError(
+                    f"{fn}: '{pname}' has {units} outputs but '{nname}' expects "
+                    f"{nxt.in_features}"
+                )
+            return 1
+        if not flattened:
+            raise ValueError(
+                f"{fn}: '{pname}' ({type(prev).__name__}) feeds the Linear '{nname}' "
+                "without an nn.Flatten between them"
+            )
+        if nxt.in_features % units:
+            raise ValueError(
+                f"{fn}: '{nname}' has {nxt.in_features} inputs, not a multiple of "
+                f"the {units} channels of '{pname}'"
+            )
+        return nxt.in_features // units
+    if isinstance(prev, nn.Linear) or flattened:
+        raise ValueError(
+            f"{fn}: convolution '{nname}' follows '{pname}' "
+            f"({type(prev).__name__}{' and a Flatten' if flattened else ''}); "
+            "only conv->conv, conv->Flatten->Linear and Linear->Linear are supported"
+        )
+    if nxt.in_channels != units:
+        raise ValueError(
+            f"{fn}: '{pname}' has {units} output channels but '{nname}' expects "
+            f"{nxt.in_channels}"
+        )
+    return 1

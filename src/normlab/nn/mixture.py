@@ -7,18 +7,17 @@ from torch import Tensor, nn
 
 from normlab.functional import mixture as FM
 from normlab.nn.base import NormBase
-from normlab.nn.sample import choose_num_groups
+from normlab.nn.per_sample import choose_num_groups
+from normlab.nn.sync_stats import moments_fn_for
 
 __all__ = ["SwitchableNorm", "AttentiveNorm"]
 
 
 def _moments_fn(layer) -> object:
     """The layer's batch-moments hook in training (None: local moments); see
-    :mod:`normlab.nn.sync`."""
+    :mod:`normlab.nn.sync_stats`."""
     if not (layer.training and layer.sync_batch_stats):
         return None
-    from normlab.nn.sync import moments_fn_for  # sync imports normlab.nn.batch
-
     return moments_fn_for(layer)
 
 
@@ -81,7 +80,7 @@ class SwitchableNorm(NormBase):
             value per channel (``N * prod(*) == 1``; over all ranks when synchronised).
 
     Distributed training: it follows the batch-statistics synchronisation protocol of
-    :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    :mod:`normlab.nn.sync_stats`. With ``sync_batch_stats = True`` (set by
     :func:`normlab.nn.to_sync_batchnorm`) the BN term and its running statistics are
     taken over every rank of ``process_group`` (None: the default group); IN and LN
     are per sample and stay local.
@@ -91,7 +90,7 @@ class SwitchableNorm(NormBase):
     # normlab.convert may carry them over from and to batch-statistics layers.
     _normlab_batch_statistics = True
 
-    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    #: Synchronisation protocol (normlab.nn.sync_stats): global batch moments when True.
     sync_batch_stats: bool = False
     #: The process group of the global moments; None is the default group.
     process_group = None
@@ -226,7 +225,7 @@ class AttentiveNorm(NormBase):
             (over all ranks together when synchronised).
 
     Distributed training: it follows the batch-statistics synchronisation protocol of
-    :mod:`normlab.nn.sync`. With ``sync_batch_stats = True`` (set by
+    :mod:`normlab.nn.sync_stats`. With ``sync_batch_stats = True`` (set by
     :func:`normlab.nn.to_sync_batchnorm`) and ``norm="batch"``, the batch moments of
     :math:`\hat{x}` and of the attention's batch norm over the K outputs, and both
     running statistics, are taken over every rank of ``process_group`` (None: the
@@ -236,7 +235,7 @@ class AttentiveNorm(NormBase):
     # norm="batch": running_mean / running_var are BatchNorm's.
     _normlab_batch_statistics = True
 
-    #: Synchronisation protocol (normlab.nn.sync): global batch moments when True.
+    #: Synchronisation protocol (normlab.nn.sync_stats): global batch moments when True.
     sync_batch_stats: bool = False
     #: The process group of the global moments; None is the default group.
     process_group = None

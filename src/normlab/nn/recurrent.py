@@ -40,11 +40,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab import stats
 
 __all__ = ["StepBatchNorm", "GateLayerNorm", "BNLSTM", "InputBNLSTM", "LNLSTM"]
@@ -227,7 +227,7 @@ class StepBatchNorm(nn.Module):
         steps, n = x.shape[:2]
         if not (self.training or not self.track_running_stats):
             mean, var = self._running(t0, steps, stats.stat_dtype(x.dtype))
-            return F.normalize(x, mean, var, self.eps, self.weight, self.bias)
+            return NF.normalize(x, mean, var, self.eps, self.weight, self.bias)
         dims = (1,) if self.per_step else (0, 1)
         per_group = n if self.per_step else steps * n
         if mask is None and per_group < 2:
@@ -256,7 +256,7 @@ class StepBatchNorm(nn.Module):
             rmean, rvar = self._running(t0, steps, mean.dtype)
             mean = torch.where(ok, mean, rmean)
             var = torch.where(ok, var, rvar)
-        return F.normalize(x, mean, var, self.eps, self.weight, self.bias)
+        return NF.normalize(x, mean, var, self.eps, self.weight, self.bias)
 
     def _factor(self, counter: Tensor, dtype: torch.dtype) -> float | Tensor:
         if self.momentum is not None:
@@ -273,8 +273,8 @@ class StepBatchNorm(nn.Module):
             factor = self._factor(self.num_batches_tracked, self.running_mean.dtype)
             if isinstance(factor, Tensor):
                 factor = factor.squeeze(-1)
-            F.update_running_(self.running_mean, mean.reshape(c), factor, self.layer_name)
-            F.update_running_(self.running_var, batch_var.reshape(c), factor, self.layer_name)
+            NF.update_running_(self.running_mean, mean.reshape(c), factor, self.layer_name)
+            NF.update_running_(self.running_var, batch_var.reshape(c), factor, self.layer_name)
             return
         steps = mean.shape[0]
         end = min(t0 + steps, self.max_steps)
@@ -303,8 +303,8 @@ class StepBatchNorm(nn.Module):
             bv = torch.where(keep[:, None], bv, rv.to(bv.dtype))
             counter.add_(keep.long())
         factor = self._factor(counter, rm.dtype)
-        F.update_running_(rm, bm, factor, self.layer_name)
-        F.update_running_(rv, bv, factor, self.layer_name)
+        NF.update_running_(rm, bm, factor, self.layer_name)
+        NF.update_running_(rv, bv, factor, self.layer_name)
 
     def extra_repr(self) -> str:
         steps = "sequence-wise" if self.max_steps is None else f"max_steps={self.max_steps}"
@@ -356,7 +356,7 @@ class GateLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.num_features)
-        return F.group_norm(flat, self.groups, self.weight, self.bias, self.eps).reshape(x.shape)
+        return NF.group_norm(flat, self.groups, self.weight, self.bias, self.eps).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, groups={self.groups}, eps={self.eps}"
@@ -542,7 +542,7 @@ class _LSTMBase(nn.Module):
         out = x
         for k in range(self.num_layers):
             if k > 0 and self.dropout > 0 and self.training:
-                out = TF.dropout(out, self.dropout, training=True)
+                out = F.dropout(out, self.dropout, training=True)
             out, (h, c) = self._layer(k, out, h0[k], c0[k], valid)
             h_n.append(h)
             c_n.append(c)

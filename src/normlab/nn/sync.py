@@ -1,73 +1,21 @@
-r"""Batch statistics over every rank of a process group, on any torch.distributed backend.
+r"""Batch Normalization with statistics over every rank of a process group
+(:class:`SyncBatchNorm`), and the conversion of existing models
+(:func:`to_sync_batchnorm`).
 
-torch.nn.SyncBatchNorm only runs on GPUs (its kernels have no CPU version, and
-DistributedDataParallel refuses it in a CPU model). :class:`SyncBatchNorm` here is
-plain PyTorch and collectives, so it works with gloo on the CPU as well as with NCCL.
-
-What it communicates
---------------------
-Forward (training): each rank computes, per channel, its element count, mean and
-biased variance with :func:`normlab.stats.moments` (two-pass), the ranks
-``all_gather`` these ``3 x C`` numbers (in float64 where the device has it), and every
-rank merges them with :func:`normlab.stats.combine_moments` (Chan et al.'s parallel
-formula: no sum-of-squares cancellation). Every rank therefore gets bit-identical
-global statistics and running statistics.
-
-Backward: each rank forms the per-channel sums :math:`\sum g` and
-:math:`\sum g\,\hat{x}` over its own elements, one ``all_reduce`` adds them over the
-ranks, and
-
-.. math::
-    \frac{\partial L}{\partial x} = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}
-        \Big(g - \frac{1}{N}\big(\textstyle\sum_{\text{all}} g
-        + \hat{x} \sum_{\text{all}} g\,\hat{x}\big)\Big)
-
-with :math:`N` the global count: the input gradient of the sum of the ranks' losses,
-exact for the global batch. The weight and bias gradients are this rank's share
-(:math:`\sum g\,\hat{x}` and :math:`\sum g` over its own elements), as in
-torch.nn.SyncBatchNorm, for DistributedDataParallel to reduce.
-
-Every rank of the group must run each training forward and backward through a
-synchronised layer the same number of times, in the same order (as for any
-collective); a rank may bring an empty batch (N = 0), which adds nothing to the
-statistics.
-
-The batch-statistics synchronisation protocol
----------------------------------------------
-Layers other than batch norm whose training output uses batch statistics (Batch
-Renormalization, the batch branch of Switchable and Attentive Normalization, ...)
-take part by following a small protocol instead of being replaced:
-
-1. the class has the attributes ``sync_batch_stats = False`` and
-   ``process_group = None`` (class attributes are enough);
-2. in training it takes its batch moments from ``moments_fn_for(self)``: None means
-   "use :func:`normlab.stats.moments`", otherwise it is a function
-   ``fn(x, dims, mask=None) -> Moments`` with the same signature and results as
-   :func:`normlab.stats.moments` over the union of the ranks' batches (its ``count``
-   is a tensor of global counts), differentiable (:func:`sync_moments`). The
-   functional core accepts it directly: ``F.batch_renorm(..., moments_fn=...)``.
-
-:func:`to_sync_batchnorm` sets ``sync_batch_stats = True`` and ``process_group`` on
-every such layer, so it keeps its own behaviour with global statistics.
-:class:`normlab.nn.BatchRenorm`, :class:`normlab.nn.SwitchableNorm` (its BN term) and
-:class:`normlab.nn.AttentiveNorm` (``norm="batch"``: the batch moments of
-:math:`\hat{x}` and of the attention's batch norm) follow the protocol.
+The collectives, the synchronised batch norm function and the batch-statistics
+synchronisation protocol that other layers follow are in :mod:`normlab.nn.sync_stats`
+(which imports no layer, so that :mod:`normlab.nn.batch` can use it).
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab import functional as F
-from normlab import stats
 from normlab.nn.batch import BatchNorm
+from normlab.nn.sync_stats import moments_fn_for, sync_batch_norm, sync_moments, world_size
 
 __all__ = [
     "SyncBatchNorm",
@@ -76,252 +24,6 @@ __all__ = [
     "moments_fn_for",
     "to_sync_batchnorm",
 ]
-
-
-# --------------------------------------------------------------------------- collectives
-
-
-class _Comm:
-    """The two collectives the layers need, over one process group or over no one.
-
-    ``_Comm(None, local=True)`` is the single-process version (world size 1): its
-    collectives return their input, so the same autograd functions run without any
-    process group (the gradcheck path).
-    """
-
-    def __init__(self, group=None, local: bool = False, name: str = "normlab") -> None:
-        self.local = local
-        self.group = group
-        if local:
-            self.world, self.rank = 1, 0
-            return
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        if self.rank < 0:
-            raise RuntimeError(f"{name}: this process is not a member of its process_group")
-
-    def all_gather(self, t: Tensor) -> Tensor:
-        """``(world, *t.shape)``: every rank's ``t``, in rank order."""
-        if self.local:
-            return t.unsqueeze(0)
-        t = t.contiguous()
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self.group)  # gloo has no all_gather_into_tensor
-        return torch.stack(out)
-
-    def all_reduce(self, t: Tensor) -> Tensor:
-        """The sum of every rank's ``t`` (a new tensor)."""
-        if self.local:
-            return t
-        t = t.contiguous().clone()
-        dist.all_reduce(t, group=self.group)
-        return t
-
-
-_LOCAL = _Comm(local=True)
-
-
-def _comm(process_group=None, name: str = "normlab") -> _Comm:
-    """The collectives of ``process_group`` (None: the default group), or the local no-op
-    version when torch.distributed is not initialized."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return _LOCAL
-    return _Comm(process_group if process_group is not None else dist.group.WORLD, name=name)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    # The exchanged statistics are 3 x C numbers: float64 costs nothing and keeps
-    # counts above 2**24 exact. (MPS has no float64.)
-    return stats.stat_dtype(x.dtype) if x.device.type == "mps" else torch.float64
-
-
-def _channel_shape(x: Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
-def _batch_dims(x: Tensor) -> tuple[int, ...]:
-    return (0,) + tuple(range(2, x.dim()))
-
-
-def _global_moments(
-    x: Tensor, mask: Tensor | None, comm: _Comm, name: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel ``(mean, var, count)`` over all ranks, shape ``(C,)``; no autograd.
-
-    mean and var are in the statistics dtype of ``x``, count in the exchange dtype.
-    """
-    local = stats.moments(x, _batch_dims(x), mask=mask, keepdim=False)
-    acc = _acc_dtype(x)
-    count = torch.as_tensor(local.count, device=x.device).to(acc).expand_as(local.mean)
-    packed = torch.stack([count, local.mean.to(acc), local.var.to(acc)])
-    gathered = comm.all_gather(packed)
-    merged = stats.combine_moments(gathered[:, 1], gathered[:, 2], gathered[:, 0], dim=0)
-    if mask is None:
-        total = int(merged.count.max())
-        if total <= 1:
-            raise ValueError(
-                f"{name}: batch statistics need more than 1 value per channel over all "
-                f"{comm.world} rank(s), got {total} (this rank's input has shape "
-                f"{tuple(x.shape)}); use larger batches, eval() with running statistics, "
-                "or a per-sample norm"
-            )
-    compute = local.mean.dtype
-    return merged.mean.to(compute), merged.var.to(compute), merged.count
-
-
-# ------------------------------------------------------------------ autograd functions
-
-
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """Batch norm with statistics over every rank of ``comm``; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps, comm, name):
-        mean, var, count = _global_moments(x, mask, comm, name)
-        shape = _channel_shape(x)
-        invstd = torch.rsqrt(var + eps)
-        w = None if weight is None else weight.view(shape)
-        b = None if bias is None else bias.view(shape)
-        y = F.normalize(x, mean.view(shape), var.view(shape), eps, w, b)
-        ctx.save_for_backward(x, weight, mask, mean, invstd, count)
-        ctx.comm = comm
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        x, weight, mask, mean, invstd, count = ctx.saved_tensors
-        compute = mean.dtype
-        shape = _channel_shape(x)
-        dims = _batch_dims(x)
-        g = grad_y.to(compute)
-        xhat = (x.to(compute) - mean.view(shape)) * invstd.view(shape)
-        sum_g = g.sum(dims)
-        sum_gx = (g * xhat).sum(dims)
-        # Always reduce, even when only the parameters need gradients, so that every
-        # rank runs the same collectives whatever requires grad where.
-        total = ctx.comm.all_reduce(torch.stack([sum_g, sum_gx]))
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            n = count.to(compute).clamp(min=1).view(shape)
-            corr = (total[0].view(shape) + xhat * total[1].view(shape)) / n
-            if mask is not None:  # padded elements are outside the statistics
-                corr = corr * mask
-            scale = invstd if weight is None else invstd * weight.to(compute)
-            grad_x = ((g - corr) * scale.view(shape)).to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_gx.to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = sum_g.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """Differentiable all_gather: ``(world, *t.shape)``. The gradient of this rank's
-    slot is the sum over ranks of their gradients for it (one all_reduce)."""
-
-    @staticmethod
-    def forward(ctx, t, comm):
-        ctx.comm = comm
-        return comm.all_gather(t)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad)[ctx.comm.rank], None
-
-
-# ----------------------------------------------------------------------- functions
-
-
-def sync_moments(
-    x: Tensor,
-    dims,
-    process_group=None,
-    mask: Tensor | None = None,
-    keepdim: bool = True,
-) -> stats.Moments:
-    """:func:`normlab.stats.moments` over the union of every rank's ``x``; differentiable.
-
-    Each rank computes its local moments with :func:`normlab.stats.moments`, the ranks
-    all_gather ``(count, mean, var)`` and merge them with
-    :func:`normlab.stats.combine_moments`. Gradients flow back to every rank's ``x``
-    (the backward all_reduces the gradients of the gathered statistics), so a layer
-    built on it gets exact gradients for the global batch. The shapes of ``x`` may
-    differ between ranks in the reduced dimensions only; a rank may have no elements.
-
-    Without torch.distributed, or with a group of one rank, this is exactly
-    :func:`normlab.stats.moments` (``count`` an int or tensor as there); otherwise
-    ``count`` is a tensor of global counts shaped like ``mean``. The all_gather runs
-    at every call and its backward at every backward: call it on every rank alike.
-    """
-    comm = _comm(process_group, "sync_moments")
-    if comm.world == 1:
-        return stats.moments(x, dims, mask=mask, keepdim=keepdim)
-    local = stats.moments(x, dims, mask=mask, keepdim=True)
-    acc = _acc_dtype(x)
-    count = torch.as_tensor(local.count, device=x.device).to(acc).expand_as(local.mean)
-    packed = torch.stack([count, local.mean.to(acc), local.var.to(acc)])
-    gathered = _AllGather.apply(packed, comm)
-    merged = stats.combine_moments(gathered[:, 1], gathered[:, 2], gathered[:, 0], dim=0)
-    mean = merged.mean.to(local.mean.dtype)
-    var = merged.var.to(local.var.dtype)
-    count = merged.count
-    if not keepdim:
-        reduced = tuple(sorted({d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}))
-        mean, var, count = mean.squeeze(reduced), var.squeeze(reduced), count.squeeze(reduced)
-    return stats.Moments(mean, var, count)
-
-
-def moments_fn_for(layer: nn.Module):
-    """The moments function a layer following the synchronisation protocol uses in
-    training: None (local :func:`normlab.stats.moments`) unless
-    ``layer.sync_batch_stats`` is True and its ``process_group`` (None: the default
-    group) has more than one rank; then :func:`sync_moments` over that group."""
-    if not getattr(layer, "sync_batch_stats", False):
-        return None
-    group = getattr(layer, "process_group", None)
-    if _comm(group, type(layer).__name__).world == 1:
-        return None
-    return functools.partial(sync_moments, process_group=group)
-
-
-def sync_batch_norm(
-    x: Tensor,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    mask: Tensor | None = None,
-    process_group=None,
-    name: str = "sync_batch_norm",
-) -> Tensor:
-    r"""Training-mode batch norm of ``x`` ``(N, C, *)`` with statistics over all ranks.
-
-    Always uses batch statistics (it is the training path of :class:`SyncBatchNorm`),
-    updating ``running_mean`` and ``running_var`` in place when given (weight
-    ``momentum`` on the batch, the variance Bessel-corrected with the global count).
-    ``mask`` (bool, broadcastable to ``x``) excludes padded elements from the
-    statistics, as in :func:`normlab.functional.batch_norm`.
-
-    Without torch.distributed it runs the same autograd function with local no-op
-    collectives, and equals :func:`normlab.functional.batch_norm` in training.
-    """
-    F.check_input(x, x.shape[1] if x.dim() >= 2 else -1, name)
-    comm = _comm(process_group, name)
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
-        mask = mask.expand_as(x)
-    y, mean, var, count = _SyncBatchNormFunction.apply(x, weight, bias, mask, eps, comm, name)
-    if running_mean is not None and running_var is not None:
-        F.update_running_(running_mean, mean, momentum, name)
-        F.update_running_(running_var, stats.unbiased(var, count), momentum, name)
-    return y
 
 
 # --------------------------------------------------------------------------- module
@@ -341,7 +43,7 @@ class SyncBatchNorm(BatchNorm):
     ranks' batches (which may differ in size, down to one sample or none); the weight
     and bias gradients are each rank's share, summed by DistributedDataParallel.
     The running variance is unbiased with the global count. See
-    :mod:`normlab.nn.sync` for the communication (one all_gather of ``3 x C``
+    :mod:`normlab.nn.sync_stats` for the communication (one all_gather of ``3 x C``
     numbers forward, one all_reduce of ``2 x C`` backward).
 
     * Training, torch.distributed initialized, group of more than one rank:
@@ -394,23 +96,15 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if not self.training:
             return super().forward(x, mask)
-        comm = _comm(self.process_group, self.layer_name)
-        if comm.world == 1:
+        if world_size(self.process_group, self.layer_name) == 1:
             return super().forward(x, mask)
         self._check_input(x)
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"{self.layer_name}: mask must be a bool tensor, got {mask.dtype}")
-            mask = mask.expand_as(x)
-        y, mean, var, count = _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, mask, self.eps, comm, self.layer_name
-        )
-        if self.track_running_stats:
-            factor = self._momentum_factor()
-            F.update_running_(self.running_mean, mean, factor, self.layer_name)
-            F.update_running_(
-                self.running_var, stats.unbiased(var, count), factor, self.layer_name
-            )
+        track = self.track_running_stats
+        y = sync_batch_norm(
+            x, self.running_mean if track else None, self.running_var if track else None,
+            self.weight, self.bias, self._momentum_factor() if track else 0.0, self.eps, mask,
+            self.process_group, self.layer_name)
+        if track:
             self._count_batch()
         return y
 
@@ -463,7 +157,7 @@ def to_sync_batchnorm(
       :class:`SyncBatchNorm` sharing the same parameter and buffer tensors (values,
       device, dtype, requires_grad and any optimizer's references carry over), with
       the same eps, momentum, affine, track_running_stats and training mode.
-    * Layers following the synchronisation protocol of :mod:`normlab.nn.sync`
+    * Layers following the synchronisation protocol of :mod:`normlab.nn.sync_stats`
       (:class:`normlab.nn.BatchRenorm`, :class:`normlab.nn.SwitchableNorm`,
       :class:`normlab.nn.AttentiveNorm`) stay what they are: their
       ``sync_batch_stats`` is set True and ``process_group`` set, so they keep their
@@ -507,7 +201,7 @@ def _convert(m: nn.Module, process_group, on_subclass: str, path: str) -> nn.Mod
         msg = (
             f"to_sync_batchnorm: cannot convert layer {where!r} of type "
             f"{type(m).__module__}.{type(m).__qualname__}: {why}. Convert it yourself, make "
-            "it follow the synchronisation protocol of normlab.nn.sync, or pass "
+            "it follow the synchronisation protocol of normlab.nn.sync_stats, or pass "
             "on_subclass='keep' to leave it with per-rank statistics"
         )
         if on_subclass == "raise":
@@ -519,3 +213,4 @@ def _convert(m: nn.Module, process_group, on_subclass: str, path: str) -> nn.Mod
         if new is not child:
             setattr(m, name, new)
     return m
+

@@ -85,7 +85,7 @@ def _layer_name(module: nn.Module) -> str:
     return type(module).__name__.removeprefix("Parametrized")
 
 
-def _wn_list(module: nn.Module, name: str):
+def weight_norm_list(module: nn.Module, name: str):
     """The ParametrizationList of ``module.name`` when its first entry is a WeightNorm."""
     if not parametrize.is_parametrized(module, name):
         return None
@@ -93,7 +93,9 @@ def _wn_list(module: nn.Module, name: str):
     return plist if isinstance(plist[0], WeightNorm) else None
 
 
-def _output_unit_dim(module: nn.Module) -> int:
+def output_unit_dim(module: nn.Module) -> int:
+    """The weight dimension that indexes the output units: 1 for ``ConvTransposeNd``
+    (weight ``(C_in, C_out / groups, *k)``), else 0."""
     return 1 if isinstance(module, _ConvTransposeNd) else 0
 
 
@@ -130,7 +132,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
         raise TypeError(f"weight_norm: expected an nn.Module, got {type(module).__name__}")
     layer = _layer_name(module)
     if parametrize.is_parametrized(module, name):
-        kind = "weight-normalized" if _wn_list(module, name) is not None else "parametrized"
+        kind = "weight-normalized" if weight_norm_list(module, name) is not None else "parametrized"
         raise ValueError(f"weight_norm: {layer}.{name} is already {kind}")
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
@@ -178,7 +180,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"remove_weight_norm: expected an nn.Module, got {type(module).__name__}")
-    plist = _wn_list(module, name)
+    plist = weight_norm_list(module, name)
     if plist is None:
         raise ValueError(
             f"remove_weight_norm: {_layer_name(module)}.{name} is not weight-normalized"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from normlab import functional as F
+from normlab import functional as NF
 from normlab.nn.base import NormBase
 
 __all__ = [
@@ -69,7 +69,7 @@ class LayerNorm(NormBase):
             if kernel.supports(x, 1, self.weight, self.bias):
                 return kernel.group_norm(x, 1, self.weight, self.bias, self.eps,
                                          name=self.layer_name)
-        return F.layer_norm(x, self.weight, self.bias, self.eps, mask=mask)
+        return NF.layer_norm(x, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", fused=True" if self.fused else "")
@@ -106,7 +106,7 @@ class ChannelLayerNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return F.channel_layer_norm(x, self.weight, self.bias, self.eps)
+        return NF.channel_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 LayerNorm2d = ChannelLayerNorm
@@ -136,7 +136,7 @@ class RMSNorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
-        return F.rms_norm(x, self.weight, self.eps, mask=mask)
+        return NF.rms_norm(x, self.weight, self.eps, mask=mask)
 
 
 class InstanceNorm(NormBase):
@@ -181,7 +181,7 @@ class InstanceNorm(NormBase):
         use_input_stats = self.training or not self.track_running_stats
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
-        y = F.instance_norm(
+        y = NF.instance_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -280,7 +280,7 @@ class GroupNorm(NormBase):
             if kernel.supports(x, self.num_groups, self.weight, self.bias):
                 return kernel.group_norm(x, self.num_groups, self.weight, self.bias,
                                          self.eps, name=self.layer_name)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
+        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "

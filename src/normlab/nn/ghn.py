@@ -33,8 +33,8 @@ re-implementation; results are "as reported", since no official code is known.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import functional as TF
 
 __all__ = ["fuzzy_xor", "generalized_hamming_distance", "GHNLinear", "GHNConv2d",
            "DoubleThreshold"]
@@ -49,7 +49,7 @@ def fuzzy_xor(a: Tensor, b: Tensor) -> Tensor:
 def generalized_hamming_distance(x: Tensor, weight: Tensor) -> Tensor:
     r"""GHD between every row of ``x`` ``(*, L)`` and every row of ``weight``
     ``(M, L)``: :math:`\sum_l x_l + w_l - 2 x_l w_l`, shape ``(*, M)``."""
-    return x.sum(-1, keepdim=True) + weight.sum(-1) - 2 * TF.linear(x, weight)
+    return x.sum(-1, keepdim=True) + weight.sum(-1) - 2 * F.linear(x, weight)
 
 
 class GHNLinear(nn.Linear):
@@ -60,7 +60,7 @@ class GHNLinear(nn.Linear):
             = w_j\cdot x - \tfrac12\sum_i w_{ji} - \tfrac12\sum_i x_i
 
     or, with ``normalized=True``, :math:`h_j = -\mathrm{GHD}(x, w_j)/L` with
-    :math:`L` = ``in_features`` (see :mod:`normlab.nn.hamming`). There is no bias
+    :math:`L` = ``in_features`` (see :mod:`normlab.nn.ghn`). There is no bias
     parameter (``self.bias is None``): the bias
     :math:`-\frac12(\sum w_j + \sum x)` is computed per sample. Weights are
     initialised as ``torch.nn.Linear``'s. No activation is applied: follow with
@@ -89,7 +89,7 @@ class GHNLinear(nn.Linear):
                 f"(*, {self.in_features}), got {tuple(x.shape)}"
             )
         w = self.weight
-        h = TF.linear(x, w) - 0.5 * w.sum(1) - 0.5 * x.sum(-1, keepdim=True)
+        h = F.linear(x, w) - 0.5 * w.sum(1) - 0.5 * x.sum(-1, keepdim=True)
         if self.normalized:
             h = h * (2.0 / self.in_features)
         return h
@@ -155,9 +155,9 @@ class GHNConv2d(nn.Conv2d):
                 f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         w = self.weight
-        wx = TF.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        wx = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
         ones = x.new_ones(self.groups, self.in_channels // self.groups, *self.kernel_size)
-        sum_x = TF.conv2d(x, ones, None, self.stride, self.padding, self.dilation, self.groups)
+        sum_x = F.conv2d(x, ones, None, self.stride, self.padding, self.dilation, self.groups)
         if self.groups > 1:
             sum_x = sum_x.repeat_interleave(self.out_channels // self.groups, dim=1)
         h = wx - 0.5 * w.sum((1, 2, 3)).view(1, -1, 1, 1) - 0.5 * sum_x
