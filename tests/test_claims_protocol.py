@@ -128,3 +128,13 @@ def test_select_lr_extends_the_grid_until_the_best_is_bracketed(tmp_path):
     stuck = select_lr(ctx, _quadratic_score, lambda lr, s: {"lr": lr, "seed": s},
                       [1e-4, 3e-4], [0])
     assert not stuck["bracketed"] and len(stuck["grid"]) == 4  # two extensions at most
+
+
+def test_the_device_is_part_of_the_key_and_checked():
+    from normlab.claims.design import current_device, on_device
+
+    cpu, cuda = make_spec(_square, {"x": 3}), make_spec(_square, {"x": 3}, device="cuda")
+    assert cpu.key != cuda.key and cuda.device == "cuda"
+    assert current_device() == "cpu"
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"), on_device("tpu"):
+        pass

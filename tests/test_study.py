@@ -250,3 +250,14 @@ def test_cli_study_unknown_claim_exits_2(tmp_path, capsys):
     assert main(["study", "--claims", "no_such_claim", "--out", str(tmp_path / "x"),
                  "--no-grid", "--workers", "0"]) == 2
     assert "unknown claim 'no_such_claim'" in capsys.readouterr().err
+
+
+def test_cli_study_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen here")
+    assert main(["study", "--claims", "gn_batch_stable", "--device", "cuda", "--no-grid",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "no CUDA" in err[0]

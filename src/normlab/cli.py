@@ -236,6 +236,8 @@ def _add_study(sub) -> None:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where the runs go: local worker processes (default) or a Ray "
                    "cluster, one task a run (pip install 'normlab[cluster]')")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="where the runs train (default cpu; auto: CUDA if torch sees a GPU)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to join (auto, HOST:PORT); default: start a local "
                    "one with --workers CPUs on 127.0.0.1")
@@ -260,12 +262,15 @@ def _run_study(args) -> int:
         parts += ["--executor", args.executor]
     if args.ray_address:
         parts += ["--ray-address", args.ray_address]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
     parts += ["--out", args.out]
     try:
         summary = run_study(args.out, budget=args.budget, claims=args.claims, data=args.data,
                             workers=args.workers, grid=not args.no_grid,
                             command=" ".join(shlex.quote(x) for x in parts),
-                            executor=args.executor, ray_address=args.ray_address)
+                            executor=args.executor, ray_address=args.ray_address,
+                            device=args.device)
     except StudyLocked as e:
         print(f"{e}", file=sys.stderr)
         return 2

@@ -14,8 +14,6 @@ that cluster and leaves it running.
 
 from __future__ import annotations
 
-import os
-
 from normlab.claims.base import execute
 
 __all__ = ["execute_on_ray", "MAX_RETRIES"]
@@ -33,16 +31,14 @@ def _ray():
     return ray
 
 
-def _run_task(spec, device: str | None) -> dict:
+def _run_task(spec) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    if device:
-        os.environ["NORMLAB_DEVICE"] = device
     return execute(spec)
 
 
-def execute_on_ray(sched, workers: int, address: str | None, device: str | None = None) -> None:
+def execute_on_ray(sched, workers: int, address: str | None) -> None:
     """Step ``sched``'s jobs, computing their runs as Ray tasks (see the module
     docstring)."""
     ray = _ray()
@@ -53,20 +49,20 @@ def execute_on_ray(sched, workers: int, address: str | None, device: str | None 
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
-        _loop(ray, sched, device)
+        _loop(ray, sched)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _loop(ray, sched, device) -> None:
-    gpus = 1 if device == "cuda" else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES)(_run_task)
+def _loop(ray, sched) -> None:
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_run_task)
     refs = {}
     todo = sched.step_ready()
     while todo or refs:
         for spec in todo:
-            refs[task.remote(spec, device)] = spec
+            gpus = 1 if spec.device == "cuda" else 0  # a run on CUDA asks Ray for a GPU
+            refs[task.options(num_gpus=gpus).remote(spec)] = spec
         done, _ = ray.wait(list(refs), num_returns=1)
         for ref in done:
             spec = refs.pop(ref)

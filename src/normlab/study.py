@@ -194,10 +194,11 @@ class _ClaimJob:
     """One claim's measurement as a job of :func:`normlab.executor.execute_jobs`."""
 
     def __init__(self, found: _Found, budget: Budget, out: Path, data: str, workers: int,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], device: str = "cpu"):
         self.claim = found.claim
         self.budget, self.out, self.data, self.log = budget, out, data, log
         self.ctx = RunContext(self.claim.id, budget, out, data=data, plan=bool(workers),
+                              device=device,
                               log=lambda line, _id=self.claim.id: log(f"  {_id}: {line}"))
         self.error: str | None = None
         self.tb: str | None = None
@@ -321,11 +322,12 @@ def _grid_record(run: dict, result: dict) -> dict:
 class _GridJob(_ClaimJob):
     """The comparison grid as a job: one batch of runs, then the summary."""
 
-    def __init__(self, config: dict, runs: list[dict], budget, out, data, workers, log):
+    def __init__(self, config: dict, runs: list[dict], budget, out, data, workers, log,
+                 device="cpu"):
         grid_claim = Claim(number=0, id="grid", title="comparison grid", statement="",
                            source="", setup="",
                            measure=lambda ctx: {"runs": grid_measure(ctx, config, runs)})
-        super().__init__(_Found(grid_claim), budget, out, data, workers, log)
+        super().__init__(_Found(grid_claim), budget, out, data, workers, log, device)
         self.started = time.perf_counter()
 
 
@@ -433,7 +435,7 @@ def _default_command(budget: Budget, claims, data, out_dir, workers, grid) -> st
     return text
 
 
-def _plan_jobs(found, budget, out, data, workers, grid, log):
+def _plan_jobs(found, budget, out, data, workers, grid, log, device):
     """The claim jobs, the records of claims that are not available, and the grid job."""
     jobs, records = [], {}
     for f in found:
@@ -444,7 +446,7 @@ def _plan_jobs(found, budget, out, data, workers, grid, log):
             log(f"[{f.claim.number:2d}] {f.claim.id}: not available (missing "
                 f"{', '.join(missing)})")
         else:
-            jobs.append(_ClaimJob(f, budget, out, data, workers, log))
+            jobs.append(_ClaimJob(f, budget, out, data, workers, log, device))
     grid_job, gcfg = None, None
     if grid:
         gcfg = grid_config(budget)
@@ -459,7 +461,7 @@ def _plan_jobs(found, budget, out, data, workers, grid, log):
         fit = split(data, 0)[0]
         gcfg.update(data=data, num_train=fit.num_train, num_classes=fit.num_classes)
         grid_job = _GridJob(gcfg, grid_runs(gcfg, fit.num_train), budget, out, data, workers,
-                            log)
+                            log, device)
     return jobs, records, grid_job, gcfg
 
 
@@ -500,7 +502,7 @@ def _finish_claims(jobs, records, out, log):
 
 
 def _write_meta(out, budget, data, workers, found, grid, started, wall, counters, command,
-                executor):
+                executor, device):
     previous = read_json(out / "study.json")
     history = previous.get("history", []) if isinstance(previous, dict) else []
     history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
@@ -510,7 +512,7 @@ def _write_meta(out, budget, data, workers, found, grid, started, wall, counters
 
     meta = {
         "budget": budget.name, "budget_detail": _budget_dict(budget), "data": data,
-        "out_dir": str(out), "workers": workers, "executor": executor,
+        "out_dir": str(out), "workers": workers, "executor": executor, "device": device,
         "start_method": start_method() if workers else "inline",
         "claims": [f.claim.id for f in found], "grid": bool(grid),
         "started_at": started, "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -519,6 +521,21 @@ def _write_meta(out, budget, data, workers, found, grid, started, wall, counters
         "code_hash": code_hash(), "normlab_version": __version__, "command": command,
     }
     atomic_write_json(out / "study.json", meta)
+
+
+def resolve_device(device: str) -> str:
+    """``"cpu"`` or ``"cuda"`` for ``device`` in cpu/cuda/auto; a clear error where CUDA
+    is asked for and missing."""
+    import torch
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"normlab study: --device must be cpu, cuda or auto, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("normlab study: --device cuda, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return device
 
 
 def _prepare_out(out: Path) -> None:
@@ -540,6 +557,7 @@ def run_study(
     command: str | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Run the claims and the comparison grid into ``out_dir`` and write the report.
 
@@ -561,6 +579,9 @@ def run_study(
             results: every run is deterministic given its arguments.
         ray_address: the Ray cluster to join (``"auto"``, ``"HOST:PORT"``); None starts
             a local one.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA where torch sees a GPU): where
+            the runs train. The device is part of every run's key, and runs on CUDA
+            use torch's deterministic algorithms.
 
     Returns:
         A summary: ``out_dir``, ``report`` (path of index.html), ``claims`` (the
@@ -572,6 +593,7 @@ def run_study(
         ValueError: a bad argument, or ``out_dir`` is a file or not writable.
     """
     budget = _budget_of(budget)
+    device = resolve_device(device)
     if workers < 0:
         raise ValueError(f"normlab study: workers must be >= 0, got {workers}")
     out = Path(out_dir)
@@ -584,7 +606,7 @@ def run_study(
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return _run_locked(out, budget, found, claims, data, workers, grid, log, command,
-                               executor, ray_address)
+                               executor, ray_address, device)
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
@@ -597,14 +619,15 @@ def _in_main_thread() -> bool:
 
 
 def _run_locked(out, budget, found, claims, data, workers, grid, log, command, executor,
-                ray_address) -> dict:
+                ray_address, device) -> dict:
     t0 = time.perf_counter()
     started = _dt.datetime.now().isoformat(timespec="seconds")
     plan = workers > 0 or executor != "local"
-    jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, plan, grid, log)
+    jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, plan, grid, log,
+                                               device)
     log(f"normlab study: {len(jobs)} claim(s), {'a grid, ' if grid_job else ''}budget "
         f"{budget.name} ({budget.seeds} seeds), "
-        f"{workers} worker(s) ({executor}); code {code_hash()[:12]}")
+        f"{workers} worker(s) ({executor}), device {device}; code {code_hash()[:12]}")
     all_jobs = jobs + ([grid_job] if grid_job else [])
     execute_jobs(all_jobs, workers, out / "runs", on_run=_progress(jobs, grid_job, log, t0),
                  executor=executor, ray_address=ray_address)
@@ -621,7 +644,7 @@ def _run_locked(out, budget, found, claims, data, workers, grid, log, command, e
     wall = round(time.perf_counter() - t0, 1)
     _write_meta(out, budget, data, workers, found, grid, started, wall, counters,
                 command or _default_command(budget, claims, data, out, workers, grid),
-                executor)
+                executor, device)
     report_path = write_report(out, claims={f.claim.id: f.claim for f in found}, log=log)
     ordered = sorted(records.values(), key=lambda r: r["number"])
     warns = sorted({w for r in ordered for w in r.get("warnings", [])})

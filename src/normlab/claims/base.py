@@ -301,6 +301,7 @@ class RunSpec:
     fn: str
     kwargs: dict
     key: str
+    device: str = "cpu"
 
     @property
     def filename(self) -> str:
@@ -308,10 +309,10 @@ class RunSpec:
         return f"{short}-{self.key[:20]}.json"
 
 
-def make_spec(fn: Callable | str, kwargs: Mapping) -> RunSpec:
-    """The :class:`RunSpec` of ``fn(**kwargs)``: its key hashes the function's name,
-    the arguments, :func:`code_hash` and, for a function defined in a claim module,
-    that module's source."""
+def make_spec(fn: Callable | str, kwargs: Mapping, device: str = "cpu") -> RunSpec:
+    """The :class:`RunSpec` of ``fn(**kwargs)`` on ``device``: its key hashes the
+    function's name, the arguments, :func:`code_hash`, the device (where it is not the
+    CPU) and, for a function defined in a claim module, that module's source."""
     import hashlib
 
     name = fn if isinstance(fn, str) else _function_name(fn)
@@ -319,20 +320,27 @@ def make_spec(fn: Callable | str, kwargs: Mapping) -> RunSpec:
     module_name = name.partition(":")[0]
     rel = module_name.replace(".", "/") + ".py"
     extra = _module_source_hash(module_name) if _is_claim_module(rel) else ""
-    text = canonical_json({"fn": name, "kwargs": kwargs, "code": code_hash(), "module": extra})
-    return RunSpec(name, kwargs, hashlib.sha256(text.encode()).hexdigest())
+    content = {"fn": name, "kwargs": kwargs, "code": code_hash(), "module": extra}
+    if device != "cpu":
+        content["device"] = device
+    text = canonical_json(content)
+    return RunSpec(name, kwargs, hashlib.sha256(text.encode()).hexdigest(), device)
 
 
 def execute(spec: RunSpec) -> dict:
     """Run ``spec`` here and return its stored form (result and timing)."""
     import time
 
+    from normlab.claims.design import on_device
+
     fn = resolve_function(spec.fn)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    result = fn(**spec.kwargs)
+    with on_device(spec.device):
+        result = fn(**spec.kwargs)
     if not isinstance(result, dict):
         raise TypeError(f"run function {spec.fn} returned {type(result).__name__}, not a dict")
-    return {"key": spec.key, "fn": spec.fn, "kwargs": spec.kwargs, "code_hash": code_hash(),
+    return {"key": spec.key, "fn": spec.fn, "kwargs": spec.kwargs, "device": spec.device,
+            "code_hash": code_hash(),
             "result": _json_safe(result), "seconds": round(time.perf_counter() - wall0, 3),
             "cpu_seconds": round(time.process_time() - cpu0, 3)}
 
@@ -379,6 +387,7 @@ class RunContext:
         plan: False (default): missing runs are computed here, one after the other.
             True (the study driver): :meth:`map` raises :class:`PendingRuns` listing
             the missing runs of the call, for the driver to compute in parallel.
+        device: where the runs train (``"cpu"`` or ``"cuda"``); part of each run's key.
     """
 
     claim_id: str
@@ -387,6 +396,7 @@ class RunContext:
     log: Callable[[str], None] = print
     data: str = "digits"
     plan: bool = False
+    device: str = "cpu"
     runs_done: int = 0
     runs_reused: int = 0
     run_files: set = field(default_factory=set)
@@ -418,7 +428,7 @@ class RunContext:
         arguments and the code; see :func:`make_spec`). Ask for independent runs in one
         call: the study computes a call's missing runs in parallel.
         """
-        specs = [make_spec(fn, kw) for kw in kwargs_list]
+        specs = [make_spec(fn, kw, self.device) for kw in kwargs_list]
         results = [self.stored(s) for s in specs]
         missing = [s for s, r in zip(specs, results, strict=True) if r is None]
         self.run_files.update(s.filename for s in specs)

@@ -22,11 +22,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["VAL_FRACTION", "split", "train_run", "select_lr", "accuracy_or_chance",
-           "LR_EXTEND", "MAX_EXTENSIONS"]
+           "LR_EXTEND", "MAX_EXTENSIONS", "current_device", "on_device"]
 
 #: The share of the training split held out for validation.
 VAL_FRACTION = 0.2
@@ -36,6 +37,34 @@ LR_EXTEND = 3.0
 MAX_EXTENSIONS = 2
 
 _CACHE: dict = {}
+_DEVICE = ["cpu"]
+
+
+def current_device() -> str:
+    """The device the current run trains on (``"cpu"`` unless the study was started
+    with ``--device cuda``); run functions pass it to :func:`normlab.train.train`."""
+    return _DEVICE[-1]
+
+
+@contextlib.contextmanager
+def on_device(device: str):
+    """Runs inside train on ``device``; on CUDA with deterministic algorithms where
+    torch has them (a run's result must not depend on the order of float sums)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"normlab: a run's device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        import os
+
+        import torch
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    _DEVICE.append(device)
+    try:
+        yield device
+    finally:
+        _DEVICE.pop()
 
 
 def split(data: str, seed: int, val_fraction: float = VAL_FRACTION):
@@ -73,13 +102,14 @@ def train_run(*, model: str = "cnn", norm: str = "bn", data: str = "digits",
     from normlab.train import evaluate, train
 
     fit, (x_val, y_val) = split(data, seed)
+    device = current_device()
     torch.manual_seed(seed)
     net = models.build(model, fit.in_shape, fit.num_classes, norm=norm, **dict(model_kwargs or {}))
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                   progress=False, **dict(train_kwargs or {})).to_dict()
+                   progress=False, device=device, **dict(train_kwargs or {})).to_dict()
     val_acc = val_loss = None
     if not result["diverged"]:
-        val_loss, val_acc = evaluate(net, x_val, y_val)
+        val_loss, val_acc = evaluate(net, x_val, y_val, device=device)
     result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss),
                   num_classes=fit.num_classes)
     if not curve:
