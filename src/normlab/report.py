@@ -4,40 +4,70 @@
 ``out_dir/grid.json`` (the comparison grid) and ``out_dir/study.json`` (how the study
 was run), and writes:
 
-- ``out_dir/claims.json``: one object per claim (id, number, title, source, statement,
-  setup, criterion, measured, verdict, reason, budget, data, seconds, plots ...);
-- ``out_dir/plots/grid_*.png``: the grid's plots (the claims' own plots are written by
-  their ``plot`` functions while the study runs, and redrawn here when missing);
-- ``out_dir/README.md`` and ``out_dir/index.html``: the report. It opens with the
-  claims table and what a practitioner should take from it, then each claim, the
-  grid, how it was run and how to reproduce it. The HTML is one self-contained file
-  (inline CSS, no network resources) that shows the PNGs in ``plots/`` by relative
-  paths.
+- ``out_dir/claims.json``: one object per claim (id, number, title, statement, effects,
+  verdict, reason, takeaway, measured, plots ...);
+- ``out_dir/plots/overview_forest.png``: every claim's effects with their 95% intervals
+  against their thresholds (a forest plot), and ``out_dir/plots/grid_*.png``: the grid's
+  plots. The claims' own plots are written by their ``plot`` functions while the study
+  runs, and redrawn here when missing or damaged (not a complete PNG);
+- ``out_dir/README.md``: the report, written once, in Markdown. It opens with the run
+  facts, the verdict rule, the forest plot and the claims table, then each claim (verdict,
+  intervals, plots, takeaway, reason, statement, setup, the raw measurement folded in
+  ``<details>``), the grid, and how to reproduce it;
+- ``out_dir/index.html``: the same report rendered from README.md by markdown-it-py into
+  one self-contained page (inline CSS, no network resources, PNGs by relative path).
 
-So ``normlab report DIR`` rebuilds the same report from the same results.
+Records written before the statistical protocol (no ``effects``) are shown with their
+verdict and reason. So ``normlab report DIR`` rebuilds the same report from the same
+results.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
+import re
+import struct
+import textwrap
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from normlab.claims.base import atomic_write_json, read_json
 
 __all__ = ["write_report", "load_results", "grid_summary", "plot_grid", "make_claim_plots",
-           "practitioner_notes", "compact"]
+           "plot_forest", "forest_rows", "png_is_intact", "render_html", "practitioner_notes",
+           "compact"]
 
-#: What claims.json keeps of each claim record (the traceback stays in claims/<id>.json).
-CLAIM_FIELDS = ("id", "number", "title", "source", "statement", "setup", "criterion",
-                "takeaway", "measured", "verdict", "reason", "budget", "data", "seconds",
-                "cpu_seconds", "plots", "plot_error", "error", "missing")
+#: What claims.json keeps of each claim record.
+CLAIM_FIELDS = ("id", "number", "title", "statement", "source", "setup", "criterion",
+                "requires", "budget", "budget_detail", "data", "decisive", "effects",
+                "setup_change", "criterion_change", "scale_note", "measured", "verdict",
+                "reason", "takeaway", "error", "traceback", "plots", "plot_error", "seconds",
+                "cpu_seconds", "runs_done", "runs_reused", "warnings", "missing")
+
+#: Verdicts decided by a measurement, then those that say why there is none.
+MEASURED_VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+UNMEASURED_VERDICTS = ("not testable at this scale", "not available")
 
 _VERDICT_MARK = {"reproduced": "✔", "not reproduced": "✘", "inconclusive": "?",
-                 "not available": "–"}
+                 "not testable at this scale": "◌", "not available": "–"}
+# Colour-blind-safe enough (green/red also differ in lightness), matched by the CSS badges.
+_VERDICT_COLOR = {"reproduced": "#2e7d32", "not reproduced": "#c62828",
+                  "inconclusive": "#e08a00", "not testable at this scale": "#5c6f9c",
+                  "not available": "#9e9e9e"}
+
+VERDICT_RULE = ("**How verdicts are decided.** Each effect is estimated over the seeds with a "
+                "95% confidence interval. *Reproduced* only if the interval lies entirely on "
+                "the claim's side of its threshold; *not reproduced* only if it lies entirely "
+                "on the other side, or inside the equivalence margin; *inconclusive* "
+                "otherwise; *not testable at this scale* where a premise of the claim (an "
+                "effect marked premise) fails here. Thresholds and margins were declared "
+                "before the runs.")
+
+FOREST_PLOT = "overview_forest.png"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- reading
@@ -45,14 +75,18 @@ _VERDICT_MARK = {"reproduced": "✔", "not reproduced": "✘", "inconclusive": "
 
 def load_results(out_dir: str | os.PathLike) -> tuple[dict, list[dict], dict | None]:
     """(study.json or {}, the claim records sorted by number, grid.json or None).
-    Corrupt files are reported (a warning naming them) and left out."""
+    Corrupt files are reported (a warning naming them) and left out. A folder without
+    ``claims/`` (a published snapshot such as docs/study keeps only claims.json) is read
+    from its claims.json."""
     out = Path(out_dir)
     meta = read_json(out / "study.json") or {}
-    records = []
-    for path in sorted((out / "claims").glob("*.json")):
-        rec = read_json(path)
-        if isinstance(rec, dict) and {"id", "number", "verdict"} <= set(rec):
-            records.append(rec)
+    if (out / "claims").is_dir():
+        found = [read_json(path) for path in sorted((out / "claims").glob("*.json"))]
+    else:
+        found = read_json(out / "claims.json")
+        found = found if isinstance(found, list) else []
+    records = [rec for rec in found
+               if isinstance(rec, dict) and {"id", "number", "verdict"} <= set(rec)]
     records.sort(key=lambda r: (r["number"], r["id"]))
     grid = read_json(out / "grid.json")
     if not (isinstance(grid, dict) and "config" in grid and "runs" in grid):
@@ -61,6 +95,31 @@ def load_results(out_dir: str | os.PathLike) -> tuple[dict, list[dict], dict | N
 
 
 # --------------------------------------------------------------------------- claim plots
+
+
+def png_is_intact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete PNG: the signature, then chunks whose lengths fit
+    the file and whose CRCs match, ending with IEND. A file cut short by an interrupted
+    write, or overwritten with something else, fails; a missing file fails."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    if not data.startswith(_PNG_SIGNATURE):
+        return False
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        end = pos + 12 + length
+        if end > len(data):
+            return False
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end
+    return False
 
 
 def make_claim_plots(claim, measured, plots_dir: str | os.PathLike
@@ -98,14 +157,14 @@ def make_claim_plots(claim, measured, plots_dir: str | os.PathLike
     error = f"plot() named files that do not exist: {missing}" if missing else None
     return files, error
 
-
 def _refresh_claim_plots(out: Path, records: list[dict], claims: dict | None, replot: bool,
                          log) -> None:
-    """Redraw a claim's plots when asked to or when one of its files is missing (and the
-    claim's code is at hand), writing the new list back into claims/<id>.json."""
+    """Redraw a claim's plots when asked to or when one of its files is missing or not a
+    complete PNG (and the claim's code is at hand), writing the new list back into
+    claims/<id>.json. Without the code a damaged file is dropped from the report's list."""
     plots_dir = out / "plots"
     need = [r for r in records if r.get("measured") is not None and not r.get("error")
-            and (replot or any(not (plots_dir / p).is_file() for p in r.get("plots", [])))]
+            and (replot or any(not png_is_intact(plots_dir / p) for p in r.get("plots", [])))]
     if not need:
         return
     if claims is None:
@@ -119,11 +178,132 @@ def _refresh_claim_plots(out: Path, records: list[dict], claims: dict | None, re
             claims = {}
     for rec in need:
         claim = claims.get(rec["id"])
-        if claim is None or claim.plot is None:
-            rec["plots"] = [p for p in rec.get("plots", []) if (plots_dir / p).is_file()]
+        if claim is None or getattr(claim, "plot", None) is None:
+            bad = [p for p in rec.get("plots", []) if not png_is_intact(plots_dir / p)]
+            if bad and log:
+                log(f"report: {rec['id']}: plot(s) {bad} missing or damaged and the claim's "
+                    "code is not at hand to redraw them; left out")
+            rec["plots"] = [p for p in rec.get("plots", []) if p not in bad]
             continue
         rec["plots"], rec["plot_error"] = make_claim_plots(claim, rec["measured"], plots_dir)
-        atomic_write_json(out / "claims" / f"{rec['id']}.json", rec)
+        if (out / "claims").is_dir():  # else the records came from claims.json, rewritten later
+            atomic_write_json(out / "claims" / f"{rec['id']}.json", rec)
+
+
+# --------------------------------------------------------------------------- overview figure
+
+
+def _short(text, width: int) -> str:
+    text = _one_line(text)
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
+def _effects(record: dict) -> list[dict]:
+    effects = record.get("effects")
+    return [e for e in effects if isinstance(e, dict)] if isinstance(effects, list) else []
+
+
+def forest_rows(records: Sequence[dict]) -> list[dict]:
+    """One row per effect of role "claim" that has an estimate, claims in number order and
+    effects in declaration order: ``{"label": "N. short title: effect name", "unit",
+    "estimate", "low", "high", "test", "threshold", "margin", "verdict"}``."""
+    rows = []
+    for rec in sorted(records, key=lambda r: (r["number"], r["id"])):
+        for e in _effects(rec):
+            if e.get("role", "claim") != "claim" or e.get("estimate") is None:
+                continue
+            rows.append({"label": f"{rec['number']}. {_short(rec.get('title'), 34)}: "
+                                  f"{_one_line(e.get('name') or e.get('key'))}",
+                         "unit": _one_line(e.get("unit")) or "(no unit)",
+                         **{k: e.get(k) for k in ("estimate", "low", "high", "test",
+                                                  "threshold", "margin", "verdict")}})
+    return rows
+
+
+def _test_text(e: dict) -> str:
+    """What the claim needs of the effect, e.g. "> 0", "< -1", "within ±2"."""
+    test = e.get("test")
+    if test == "equivalent":
+        return f"within ±{_num(e.get('margin'))}"
+    sign = {"greater": ">", "less": "<"}.get(test)
+    return f"{sign} {_num(e.get('threshold'))}" if sign else str(test or "?")
+
+
+def plot_forest(records: Sequence[dict], plots_dir: str | os.PathLike) -> str | None:
+    """Draw the overview forest plot into ``plots_dir`` (one panel per unit, one row per
+    effect of :func:`forest_rows`: the estimate as a dot, the 95% interval as a line, the
+    threshold as a black tick or the equivalence margin as a band, coloured by the effect's
+    verdict); return its file name, or None when no effect has an estimate."""
+    rows = forest_rows(records)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units: dict[str, list[dict]] = {}
+    for row in rows:
+        units.setdefault(row["unit"], []).append(row)
+    heights = [len(u) + 1.6 for u in units.values()]
+    fig, axes = plt.subplots(len(units), 1, squeeze=False,
+                             figsize=(11, 0.42 * sum(heights) + 0.9),
+                             gridspec_kw={"height_ratios": heights})
+    try:
+        for ax, (unit, unit_rows) in zip(axes[:, 0], units.items(), strict=True):
+            _forest_panel(ax, unit, unit_rows)
+        _forest_legend(fig, {r["verdict"] for r in rows},
+                         any(r["test"] == "equivalent" for r in rows))
+        fig.suptitle("Every claim's effect: estimate and 95% interval against its threshold",
+                     fontsize=11)
+        fig.tight_layout(rect=(0, 0.05 if len(rows) < 6 else 0.03, 1, 0.98))
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(plots_dir) / FOREST_PLOT, dpi=100)
+    finally:
+        plt.close(fig)
+    return FOREST_PLOT
+
+
+def _forest_panel(ax, unit: str, rows: list[dict]) -> None:
+    import matplotlib.transforms as mtransforms
+
+    right = mtransforms.blended_transform_factory(ax.transAxes, ax.transData)
+    for y, row in enumerate(rows):
+        color = _VERDICT_COLOR.get(row["verdict"], "#444444")
+        if row["test"] == "equivalent" and row["margin"] is not None:
+            ax.fill_betweenx([y - 0.38, y + 0.38], -row["margin"], row["margin"],
+                             color="#5c6f9c", alpha=0.16, lw=0)
+        elif row["threshold"] is not None:
+            ax.plot(row["threshold"], y, "|", color="black", ms=17, mew=2, zorder=4)
+        if row["low"] is not None and row["high"] is not None:
+            ax.hlines(y, row["low"], row["high"], color=color, lw=2.6, zorder=3)
+            ax.plot(row["estimate"], y, "o", color=color, ms=7, zorder=5)
+        else:  # no interval (e.g. one seed): the estimate alone, hollow
+            ax.plot(row["estimate"], y, "o", mfc="white", mec=color, mew=1.5, ms=7, zorder=5)
+        ax.text(1.01, y, f"needs {_test_text(row)}", transform=right, va="center",
+                fontsize=8, color="#444444")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(["\n".join(textwrap.wrap(r["label"], 58)[:2]) for r in rows],
+                       fontsize=8)
+    ax.set_ylim(len(rows) - 0.4, -0.6)
+    ax.axvline(0, color="#999999", lw=0.8, ls=":", zorder=1)
+    ax.set_xlabel(unit, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.08)
+
+
+def _forest_legend(fig, verdicts: set, has_margin: bool) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Line2D([], [], marker="o", color=_VERDICT_COLOR[v], lw=2.6, label=v)
+               for v in _VERDICT_MARK if v in verdicts]
+    handles.append(Line2D([], [], marker="|", color="black", ls="", ms=12, mew=2,
+                          label="threshold"))
+    if has_margin:
+        handles.append(Patch(color="#5c6f9c", alpha=0.16, label="equivalence margin"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
 
 
 # --------------------------------------------------------------------------- the grid
@@ -335,23 +515,26 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
     if records:
         notes.append(f"Of {len(records)} claims, **{counts['reproduced']} reproduced**, "
                      f"**{counts['not reproduced']} not reproduced**, "
-                     f"{counts['inconclusive']} inconclusive and {counts['not available']} "
-                     "not available at this scale and budget.")
+                     f"{counts['inconclusive']} inconclusive, "
+                     f"{counts['not testable at this scale']} not testable at this scale and "
+                     f"{counts['not available']} not available.")
     if grid is not None:
         notes += _grid_notes(grid)
     for verdict in ("reproduced", "not reproduced"):
         for r in records:
             if r["verdict"] != verdict:
                 continue
-            title = f"claim {r['number']} ({_one_line(r['title'])})"
+            title = f"claim {r['number']} ({_md_inline(r['title'])})"
             if verdict == "reproduced":
-                lesson = _one_line(r.get("takeaway") or r.get("reason", ""))
+                lesson = _md_inline(r.get("takeaway") or r.get("reason", ""))
                 notes.append(f"Reproduced, {title}: {lesson}")
             else:
-                notes.append(f"Not reproduced here, {title}: {_one_line(r.get('reason', ''))}")
-    for verdict, words in (("inconclusive", "Inconclusive here (the measurement could not "
-                                            "decide, see each claim)"),
-                           ("not available", "Not available yet (layers missing)")):
+                notes.append(f"Not reproduced here, {title}: {_md_inline(r.get('reason', ''))}")
+    for verdict, words in (("inconclusive", "Inconclusive here (the interval straddles the "
+                                            "threshold, see each claim)"),
+                           ("not testable at this scale", "Not testable at this scale (a "
+                                                          "premise failed here)"),
+                           ("not available", "Not available (layers or data missing)")):
         these = [str(r["number"]) for r in records if r["verdict"] == verdict]
         if these:
             notes.append(f"{words}: claim{'s' if len(these) > 1 else ''} {', '.join(these)}.")
@@ -468,10 +651,6 @@ def _flat(obj, max_items: int) -> str:
     return _fmt_number(obj)
 
 
-def _md_cell(text) -> str:
-    return _one_line(text).replace("|", "\\|")
-
-
 def _grid_table_rows(grid: dict) -> tuple[list[str], list[list[str]]]:
     s = grid_summary(grid)
     header = ["norm"] + [f"batch {b}" for b in s["batch_sizes"]]
@@ -520,6 +699,320 @@ def _grid_description(grid: dict) -> str:
             "it might have done better.")
 
 
+# --------------------------------------------------------------------------- Markdown
+
+
+# "<" that could open raw HTML (a tag, a comment, a declaration): escaped, so that text from
+# the records shows as written and never as markup in the rendered page.
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def _md_text(text) -> str:
+    """Markdown text from a record (a takeaway, a setup change): kept as Markdown, with
+    raw HTML escaped."""
+    return _HTML_START.sub(r"\\<", str(text or "").strip())
+
+
+def _md_inline(text) -> str:
+    return _md_text(_one_line(text))
+
+
+def _md_cell(text) -> str:
+    return _md_inline(text).replace("|", "\\|")
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.3g}"
+
+
+def _badge(verdict: str) -> str:
+    """The verdict as an inline HTML span (styled in the HTML page; plain text elsewhere)."""
+    cls = re.sub(r"[^a-z]+", "-", verdict.lower()).strip("-")
+    return f'<span class="v {cls}">{_VERDICT_MARK.get(verdict, "")} {verdict}</span>'
+
+
+def _interval(e: dict) -> str:
+    if e.get("low") is None or e.get("high") is None:
+        return "n/a"
+    return f"[{_signed(e['low'])}, {_signed(e['high'])}]"
+
+
+def _noise_change(e: dict) -> str:
+    """previous noise -> half-width (and their ratio), where the old figure is known."""
+    prev, hw = e.get("previous_noise"), e.get("half_width")
+    if prev is None:
+        return ""
+    ratio = f" ({hw / prev:.2f}x)" if hw is not None and prev > 0 else ""
+    return f"{_num(prev)} → {_num(hw)}{ratio}"
+
+
+def _effect_line(e: dict) -> str:
+    """One effect's interval as a Markdown sentence."""
+    unit = _md_inline(e.get("unit"))
+    role = "premise" if e.get("role") == "premise" else "claim"
+    conf = e.get("confidence") or 0.95
+    text = (f"**{_md_inline(e.get('name') or e.get('key'))}** ({role} effect, {unit}): "
+            f"estimate **{_signed(e.get('estimate'))}**, {100 * conf:.0f}% interval "
+            f"{_interval(e)}, half-width {_num(e.get('half_width'))}")
+    if e.get("previous_noise") is not None:
+        text += f" (previous noise {_noise_change(e)})"
+    text += f"; n = {e.get('n', '?')}"
+    if e.get("method"):
+        text += f", {_md_inline(e['method'])}"
+    return text + f". Needs {_md_inline(_test_text(e))} {unit}: {_badge(e.get('verdict', '?'))}"
+
+
+def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
+    """The run facts shown first: budget, seeds, code hash, version, machine, time, command."""
+    m = meta.get("machine") or {}
+    bd = meta.get("budget_detail") or {}
+    budgets = sorted({r.get("budget") for r in records if r.get("budget")})
+    history = meta.get("history") or []
+    wall = f"{meta.get('wall_seconds', '?')} s (the last invocation)"
+    if len(history) > 1:
+        total = sum(h.get("wall_seconds") or 0 for h in history)
+        wall += f"; {total:.0f} s over {len(history)} invocations"
+    return [
+        ("budget", f"{meta.get('budget', '?')} (step scale {bd.get('step_scale', '?')})"
+         + (f"; claims measured at: {', '.join(budgets)}"
+            if budgets and budgets != [meta.get("budget")] else "")),
+        ("seeds", str(bd.get("seeds", meta.get("seeds", "?")))),
+        ("code hash", f"`{meta['code_hash']}`" if meta.get("code_hash") else
+         "not recorded (a study from before content-keyed runs)"),
+        ("normlab version", str(meta.get("normlab_version") or m.get("normlab", "?"))),
+        ("machine", f"{m.get('cpu_count', '?')} CPUs, {m.get('platform', '?')}, "
+         + ", ".join(f"{name} {m[key]}" for name, key in (
+             ("Python", "python"), ("torch", "torch"), ("numpy", "numpy")) if m.get(key))),
+        ("wall time", wall),
+        ("command", f"`{_one_line(meta.get('command', 'normlab study'))}`"),
+    ]
+
+
+def _md_top(meta: dict, records: Sequence[dict]) -> str:
+    L = ["# normlab study: the papers' claims about normalization, re-run at small scale", ""]
+    L += [f"- **{k}:** {v}" for k, v in _run_top(meta, records)]
+    L += ["", VERDICT_RULE]
+    smoke = [r for r in records if r.get("decisive") is False]
+    if smoke:
+        which = ("Every claim" if len(smoke) == len(records) else
+                 ("Claims " if len(smoke) > 1 else "Claim ")
+                 + ", ".join(str(r["number"]) for r in smoke))
+        budgets = ", ".join(sorted({str(r.get("budget")) for r in smoke}))
+        L += ["", f"> **Not decisive.** {which} ran at the {budgets} budget, a smoke test: "
+              "its verdicts are capped at *inconclusive*, whatever the intervals say. Run the "
+              "default budget (`normlab study`) for verdicts."]
+    return "\n".join(L)
+
+
+def _md_overview(forest: str | None, forest_error: str | None) -> str:
+    L = ["## Overview: every effect against its threshold", ""]
+    if forest:
+        L += [f"![forest plot: each claim's effect, its 95% interval and its threshold]"
+              f"(plots/{forest})", "",
+              "Dot: the estimate; line: its 95% interval; black tick: the threshold (the "
+              "claim needs the whole line on its side, shown at the right); shaded band: an "
+              "equivalence margin. Colour: the effect's verdict. One panel per unit."]
+    else:
+        L.append("No claim here recorded an effect with an estimate (results from before "
+                 "the statistical protocol, or none measured): see the table.")
+    if forest_error:
+        L += ["", f"Plot error: `{_one_line(forest_error)}`"]
+    return "\n".join(L)
+
+
+_TABLE_HEAD = ("| # | claim | verdict | effect | estimate | 95% interval | claim needs | "
+               "effect verdict | half-width | previous noise → half-width |\n"
+               "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _claim_link(r: dict) -> str:
+    return f"[{_md_cell(r['title'])}](#claim-{r['number']})"
+
+
+def _md_table(records: Sequence[dict]) -> str:
+    """The claims table: one row per effect of the measured claims; then the claims without
+    effects (verdict and reason, as recorded), then those not testable or not available."""
+    L = ["## Claims"]
+    for r in records:
+        if r["verdict"] in UNMEASURED_VERDICTS or not _effects(r):
+            continue
+        for i, e in enumerate(_effects(r)):
+            unit = _md_cell(e.get("unit"))
+            lead = [str(r["number"]), _claim_link(r), _badge(r["verdict"])] if i == 0 \
+                else ["", "", ""]
+            name = _md_cell(e.get("name") or e.get("key"))
+            cells = lead + [name + (" (premise)" if e.get("role") == "premise" else ""),
+                            f"{_signed(e.get('estimate'))} {unit}", _interval(e),
+                            f"{_md_cell(_test_text(e))} {unit}", _badge(e.get("verdict", "?")),
+                            _num(e.get("half_width")), _noise_change(e)]
+            L += ["", _TABLE_HEAD] if len(L) == 1 else []
+            L.append("| " + " | ".join(cells) + " |")
+    for title, keep in (
+            ("Claims without effect estimates (recorded before the statistical protocol, or "
+             "the measurement failed): verdict and reason as recorded",
+             lambda r: r["verdict"] not in UNMEASURED_VERDICTS and not _effects(r)),
+            ("Not testable at this scale, or not available",
+             lambda r: r["verdict"] in UNMEASURED_VERDICTS)):
+        these = [r for r in records if keep(r)]
+        if these:
+            L += ["", f"### {title}", "", "| # | claim | verdict | why |", "|---|---|---|---|"]
+            L += [f"| {r['number']} | {_claim_link(r)} | {_badge(r['verdict'])} | "
+                  f"{_md_cell(r.get('reason', ''))} |" for r in these]
+    return "\n".join(L)
+
+
+def _md_claim(r: dict) -> str:
+    """One claim: title and verdict, intervals, plots, takeaway and reason, the claim's
+    text and changes, then the raw measurement folded."""
+    B = [f"### <a id=\"claim-{r['number']}\"></a>{r['number']}. {_md_inline(r['title'])} "
+         f"{_badge(r['verdict'])}"]
+    if _effects(r):
+        B.append("\n".join(f"- {_effect_line(e)}" for e in _effects(r)))
+    if r.get("decisive") is False:
+        B.append(f"*Not decisive:* the {r.get('budget')} budget is a smoke test; its verdict "
+                 "is capped at inconclusive.")
+    B += [f"![{r['number']}: {p}](plots/{p})" for p in r.get("plots") or []]
+    if r.get("plot_error"):
+        B.append(f"Plot error: `{_one_line(r['plot_error'])}`")
+    if r.get("takeaway"):
+        B.append(f"**Takeaway.** {_md_text(r['takeaway'])}")
+    B.append(f"**Why {r['verdict']}.** {_md_text(r.get('reason')) or '(no reason recorded)'}")
+    if r.get("error"):
+        B.append(f"Error: `{_one_line(r['error'])}` (traceback in `claims/{r['id']}.json`)")
+    B += [f"**{label}.** {_md_inline(r.get(key))}" for label, key in (
+        ("Statement", "statement"), ("Source", "source"), ("Setup", "setup"),
+        ("Criterion", "criterion"))]
+    if r.get("setup_change"):
+        B.append(f"**What changed in the setup, and why.** {_md_text(r['setup_change'])}")
+    change = r.get("criterion_change")
+    if isinstance(change, dict):
+        B.append("**Criterion restated under the statistical protocol.** "
+                 f"Old: {_md_inline(change.get('old'))} New: {_md_inline(change.get('new'))}")
+    if r.get("scale_note"):
+        B.append(f"**Scale.** {_md_text(r['scale_note'])}")
+    if r.get("measured") is not None:
+        B.append(_md_raw(r))
+    return "\n\n".join(B)
+
+
+def _md_raw(r: dict) -> str:
+    """The raw measurement, compact, folded in <details> (blank lines around the Markdown
+    inside, so that both CommonMark and GitHub render it)."""
+    runs = (f", {r['runs_done']} runs computed, {r.get('runs_reused', 0)} reused"
+            if r.get("runs_done") is not None else "")
+    return "\n".join([
+        "<details><summary>raw measurement</summary>", "",
+        f"Budget {r.get('budget')}, data {r.get('data')}, {r.get('seconds') or 0:.0f} s wall / "
+        f"{r.get('cpu_seconds') or 0:.0f} s CPU{runs}.", "",
+        "```json", compact(r["measured"]).replace("```", "` ` `"), "```", "", "</details>"])
+
+
+def _md_grid(grid: dict, grid_plots: Sequence[str], grid_errors: Sequence[str]) -> str:
+    L = ["## Comparison grid: normalizer x batch size x learning rate", "",
+         _grid_description(grid), ""]
+    header, rows = _grid_table_rows(grid)
+    L += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    L += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    L += [f"\n![{p}](plots/{p})" for p in grid_plots]
+    L += [f"\nPlot error: `{e}`" for e in grid_errors]
+    return "\n".join(L)
+
+
+def _md_end(meta: dict, records: Sequence[dict], grid: dict | None) -> str:
+    L = ["## How it was run", ""]
+    L += [f"- {k}: {v}" for k, v in _run_facts(meta, records, grid)]
+    L += ["", "## How to reproduce", "", "```", meta.get("command", "normlab study"), "```", "",
+          "Every run is stored under `runs/` and every claim's result under `claims/`: the "
+          "same command again reuses them and only rewrites this report; "
+          f"`normlab report {meta.get('out_dir', 'DIR')}` rebuilds the report from them."]
+    return "\n".join(L)
+
+
+def _run_facts(meta: dict, records: Sequence[dict], grid: dict | None) -> list[tuple[str, str]]:
+    """The details of the run kept for the end (the main facts are at the top)."""
+    claim_s = sum(r.get("seconds") or 0 for r in records)
+    claim_cpu = sum(r.get("cpu_seconds") or 0 for r in records)
+    grid_s = sum((r or {}).get("seconds") or 0 for r in (grid or {}).get("runs", []))
+    runs = "; ".join(f"{h.get('started_at')}: {h.get('wall_seconds')} s, {h.get('runs_done')} "
+                     f"runs computed, {h.get('runs_reused')} reused"
+                     for h in meta.get("history") or [])
+    return [
+        ("data", str(meta.get("data", "?"))),
+        ("date", f"{meta.get('started_at', '?')} to {meta.get('finished_at', '?')}"),
+        ("invocations", runs or f"{meta.get('runs_done', '?')} runs computed, "
+                                f"{meta.get('runs_reused', '?')} reused"),
+        ("compute in the stored results", f"claims {claim_s:.0f} s wall / {claim_cpu:.0f} s "
+         f"CPU in their workers, grid runs {grid_s:.0f} s wall (timings on a shared machine "
+         "are noisy)"),
+        ("workers", f"{meta.get('workers', '?')} ({meta.get('start_method', '?')}), one torch "
+         "thread each"),
+    ]
+
+
+def _markdown(meta, records, grid, grid_plots, grid_errors, forest, forest_error) -> str:
+    """The whole report in Markdown: the one copy of its content (the HTML is rendered from
+    it)."""
+    notes = practitioner_notes(records, grid)
+    parts = [_md_top(meta, records), _md_overview(forest, forest_error), _md_table(records),
+             "## What a practitioner should take from it\n\n"
+             + "\n".join(f"- {n}" for n in notes) if notes else "",
+             "## The claims", *(_md_claim(r) for r in records),
+             _md_grid(grid, grid_plots, grid_errors) if grid is not None else "",
+             _md_end(meta, records, grid)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1150px;
+margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{border-left:4px solid #ccc;padding-left:.5em;margin-top:2.2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.88em}
+th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:top;text-align:left}
+th{background:#f3f3f3}
+.v{font-weight:600;white-space:nowrap;padding:.1em .45em;border-radius:4px;font-size:.9em}
+.reproduced{background:#d7f5d7;color:#135d13}.not-reproduced{background:#fbd9d9;color:#8a1212}
+.inconclusive{background:#fdf0c8;color:#6b5200}
+.not-testable-at-this-scale{background:#dfe5f3;color:#2f3f66}
+.not-available{background:#e8e8e8;color:#555}
+blockquote{border-left:4px solid #e0a000;background:#fff8e1;margin:1em 0;padding:.3em 1em}
+pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6em;overflow-x:auto;font-size:.82em}
+details{margin:1em 0}summary{cursor:pointer;color:#444}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+"""
+
+# The page around the rendered Markdown; it holds no content of its own.
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>{{ css | safe }}</style></head>
+<body>
+{{ body | safe }}
+</body></html>
+"""
+
+
+def render_html(markdown_text: str) -> str:
+    """``markdown_text`` rendered by markdown-it-py (CommonMark with tables; raw HTML such as
+    ``<details>`` and the verdict badges kept) into one self-contained page, titled by its
+    first heading."""
+    from jinja2 import Environment
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown_text)
+    title = re.search(r"^# (.+)$", markdown_text, re.M)
+    page = Environment(autoescape=True).from_string(_PAGE)
+    # The title is escaped; the CSS and the rendered body are the page's own HTML.
+    return page.render(title=title.group(1) if title else "normlab study", css=_CSS, body=body)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -529,11 +1022,12 @@ def _claims_json(records: Sequence[dict]) -> list[dict]:
 
 def write_report(out_dir: str | os.PathLike, claims: dict | None = None, replot: bool = False,
                  log: Callable[[str], None] | None = None) -> Path:
-    """Build claims.json, the grid plots, README.md and index.html of the study in
-    ``out_dir`` from its JSON files alone; return the path of index.html.
+    """Build claims.json, the overview and grid plots, README.md and index.html (rendered
+    from README.md) of the study in ``out_dir`` from its JSON files alone; return the path
+    of index.html.
 
     ``claims`` ({id: Claim}) gives the code to redraw a claim's plots when one is missing
-    (or every one, with ``replot``); without it the discovered claims are used.
+    or damaged (or every one, with ``replot``); without it the discovered claims are used.
     """
     out = Path(out_dir)
     if not out.is_dir():
@@ -544,188 +1038,16 @@ def write_report(out_dir: str | os.PathLike, claims: dict | None = None, replot:
                                 "and no grid.json); run `normlab study` first")
     _refresh_claim_plots(out, records, claims, replot, log)
     grid_plots, grid_errors = plot_grid(grid, out / "plots") if grid else ([], [])
+    forest, forest_error = None, None
+    try:
+        forest = plot_forest(records, out / "plots")
+    except Exception as err:  # a failed figure is shown in the report, not fatal
+        forest_error = f"plot_forest: {type(err).__name__}: {err}"
     atomic_write_json(out / "claims.json", _claims_json(records))
-    notes = practitioner_notes(records, grid)
-    (out / "README.md").write_text(_markdown(meta, records, grid, grid_plots, grid_errors, notes))
+    text = _markdown(meta, records, grid, grid_plots, grid_errors, forest, forest_error)
+    (out / "README.md").write_text(text, encoding="utf-8")
     index = out / "index.html"
-    index.write_text(_html(meta, records, grid, grid_plots, grid_errors, notes))
+    index.write_text(render_html(text), encoding="utf-8")
     if log:
         log(f"report: {index} and {out / 'README.md'}")
     return index
-
-
-def _run_facts(meta: dict, records: Sequence[dict], grid: dict | None) -> list[tuple[str, str]]:
-    m = meta.get("machine", {})
-    claim_s = sum(r.get("seconds") or 0 for r in records)
-    claim_cpu = sum(r.get("cpu_seconds") or 0 for r in records)
-    grid_s = sum((r or {}).get("seconds") or 0 for r in (grid or {}).get("runs", []))
-    budgets = sorted({r.get("budget") for r in records if r.get("budget")})
-    bd = meta.get("budget_detail") or {}
-    history = meta.get("history") or []
-    runs = "; ".join(f"{h.get('started_at')}: {h.get('wall_seconds')} s, {h.get('runs_done')} "
-                     f"runs computed, {h.get('runs_reused')} reused" for h in history)
-    facts = [
-        ("budget", f"{meta.get('budget', '?')} (step scale {bd.get('step_scale', '?')}, "
-         f"{bd.get('seeds', '?')} seed(s))"
-         + (f"; claims measured at: {', '.join(budgets)}" if budgets != [meta.get('budget')]
-            and budgets else "")),
-        ("data", str(meta.get("data", "?"))),
-        ("date", f"{meta.get('started_at', '?')} to {meta.get('finished_at', '?')}"),
-        ("wall time", f"{meta.get('wall_seconds', '?')} s for the last invocation"
-         + (f" (every invocation: {runs})" if len(history) > 1 else
-            f" ({meta.get('runs_done', '?')} runs computed, {meta.get('runs_reused', '?')} "
-            "reused)")),
-        ("compute in the stored results", f"claims {claim_s:.0f} s wall / {claim_cpu:.0f} s "
-         f"CPU in their workers, grid runs {grid_s:.0f} s wall (timings on a shared machine "
-         "are noisy)"),
-        ("workers", f"{meta.get('workers', '?')} ({meta.get('start_method', '?')}), one torch "
-         "thread each"),
-        ("machine", f"{m.get('cpu_count', '?')} CPUs, {m.get('platform', '?')}, Python "
-         f"{m.get('python', '?')}, torch {m.get('torch', '?')}, numpy {m.get('numpy', '?')}, "
-         f"normlab {m.get('normlab', '?')}"),
-    ]
-    return facts
-
-
-def _markdown(meta, records, grid, grid_plots, grid_errors, notes) -> str:
-    L = ["# normlab study: the papers' claims about normalization, re-run at small scale", ""]
-    L.append(f"Budget **{meta.get('budget', '?')}**, data **{meta.get('data', '?')}**, "
-             f"{meta.get('finished_at', '')}. Every number below was measured by this run; "
-             "each criterion was written before it ran. How it was run and how to reproduce it "
-             "are at the end.")
-    L += ["", "## Claims", "", "| # | claim | verdict | why |", "|---|---|---|---|"]
-    for r in records:
-        L.append(f"| {r['number']} | [{_md_cell(r['title'])}](#claim-{r['number']}) | "
-                 f"{_VERDICT_MARK.get(r['verdict'], '')} {r['verdict']} | "
-                 f"{_md_cell(r.get('reason', ''))} |")
-    L += ["", "## What a practitioner should take from it", ""]
-    L += [f"- {n}" for n in notes]
-    L += ["", "## The claims", ""]
-    for r in records:
-        L += [f"<a id=\"claim-{r['number']}\"></a>",
-              f"### {r['number']}. {_one_line(r['title'])}: {r['verdict']}", "",
-              f"**Statement.** {_one_line(r.get('statement'))}", "",
-              f"**Source.** {_one_line(r.get('source'))}", "",
-              f"**Setup.** {_one_line(r.get('setup'))}", "",
-              f"**Criterion** (written before the run). {_one_line(r.get('criterion'))}", ""]
-        if r.get("measured") is not None:
-            L += [f"**Measured** (budget {r.get('budget')}, data {r.get('data')}, "
-                  f"{r.get('seconds') or 0:.0f} s):", "", "```", compact(r["measured"]), "```",
-                  ""]
-        L += [f"**Verdict: {r['verdict']}.** {_one_line(r.get('reason'))}", ""]
-        if r.get("takeaway"):
-            L += [f"*Takeaway:* {_one_line(r['takeaway'])}", ""]
-        if r.get("error"):
-            L += [f"Error: `{_one_line(r['error'])}` (traceback in `claims/{r['id']}.json`)", ""]
-        for p in r.get("plots", []):
-            L += [f"![{r['id']}: {p}](plots/{p})", ""]
-        if r.get("plot_error"):
-            L += [f"Plot error: `{_one_line(r['plot_error'])}`", ""]
-    if grid is not None:
-        L += ["## Comparison grid: normalizer x batch size x learning rate", "",
-              _grid_description(grid), ""]
-        header, rows = _grid_table_rows(grid)
-        L += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        L += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-        L.append("")
-        for p in grid_plots:
-            L += [f"![{p}](plots/{p})", ""]
-        for e in grid_errors:
-            L += [f"Plot error: `{e}`", ""]
-    L += ["## How it was run", ""]
-    L += [f"- {k}: {v}" for k, v in _run_facts(meta, records, grid)]
-    L += ["", "## How to reproduce", "", "```", meta.get("command", "normlab study"), "```", "",
-          "Every run is stored under `runs/` and every claim's result under `claims/`: the "
-          "same command again reuses them and only rewrites this report; "
-          f"`normlab report {meta.get('out_dir', 'DIR')}` rebuilds the report from them.", ""]
-    return "\n".join(L)
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .6em;vertical-align:top;text-align:left}
-th{background:#f3f3f3}
-.v{font-weight:600;white-space:nowrap;padding:.1em .45em;border-radius:4px}
-.reproduced{background:#d7f5d7;color:#135d13}.not-reproduced{background:#fbd9d9;color:#8a1212}
-.inconclusive{background:#fdf0c8;color:#6b5200}.not-available{background:#e8e8e8;color:#555}
-pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6em;overflow-x:auto;font-size:.82em}
-img{max-width:100%;border:1px solid #eee;margin:.4em 0}
-section.claim{border-left:4px solid #ddd;padding-left:1em;margin:1.5em 0}
-.muted{color:#666;font-size:.9em}
-"""
-
-
-def _badge(verdict: str) -> str:
-    cls = verdict.replace(" ", "-")
-    return f'<span class="v {cls}">{_VERDICT_MARK.get(verdict, "")} {html.escape(verdict)}</span>'
-
-
-def _inline_md(text: str) -> str:
-    """Escape ``text`` for HTML and turn its **bold** spans into <b>."""
-    parts = html.escape(text).split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html(meta, records, grid, grid_plots, grid_errors, notes) -> str:
-    e = html.escape
-    H = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-         "<title>normlab study</title>", f"<style>{_CSS}</style></head><body>",
-         "<h1>normlab study: the papers' claims about normalization, re-run at small "
-         "scale</h1>",
-         f"<p>Budget <b>{e(str(meta.get('budget', '?')))}</b>, data "
-         f"<b>{e(str(meta.get('data', '?')))}</b>, {e(str(meta.get('finished_at', '')))}. "
-         "Every number below was measured by this run; each criterion was written before it "
-         "ran. How it was run and how to reproduce it are at the end.</p>",
-         "<h2 id=\"claims\">Claims</h2>", "<table><tr><th>#</th><th>claim</th><th>verdict</th>"
-         "<th>why</th></tr>"]
-    for r in records:
-        H.append(f"<tr><td>{r['number']}</td><td><a href=\"#claim-{r['number']}\">"
-                 f"{e(_one_line(r['title']))}</a></td><td>{_badge(r['verdict'])}</td>"
-                 f"<td>{e(_one_line(r.get('reason', '')))}</td></tr>")
-    H += ["</table>", "<h2>What a practitioner should take from it</h2>", "<ul>"]
-    H += [f"<li>{_inline_md(n)}</li>" for n in notes]
-    H += ["</ul>", "<h2>The claims</h2>"]
-    for r in records:
-        H += [f"<section class=\"claim\" id=\"claim-{r['number']}\">",
-              f"<h3>{r['number']}. {e(_one_line(r['title']))} {_badge(r['verdict'])}</h3>",
-              f"<p><b>Statement.</b> {e(_one_line(r.get('statement')))}</p>",
-              f"<p><b>Source.</b> {e(_one_line(r.get('source')))}</p>",
-              f"<p><b>Setup.</b> {e(_one_line(r.get('setup')))}</p>",
-              f"<p><b>Criterion</b> (written before the run). "
-              f"{e(_one_line(r.get('criterion')))}</p>"]
-        if r.get("measured") is not None:
-            H += [f"<p><b>Measured</b> <span class=\"muted\">(budget {e(str(r.get('budget')))}, "
-                  f"data {e(str(r.get('data')))}, {r.get('seconds') or 0:.0f} s)</span></p>",
-                  f"<pre>{e(compact(r['measured']))}</pre>"]
-        H.append(f"<p><b>Verdict: {e(r['verdict'])}.</b> {e(_one_line(r.get('reason')))}</p>")
-        if r.get("takeaway"):
-            H.append(f"<p><i>Takeaway:</i> {e(_one_line(r['takeaway']))}</p>")
-        if r.get("error"):
-            H.append(f"<p>Error: <code>{e(_one_line(r['error']))}</code> (traceback in "
-                     f"<code>claims/{e(r['id'])}.json</code>)</p>")
-        for p in r.get("plots", []):
-            H.append(f"<img src=\"plots/{e(p)}\" alt=\"{e(r['id'])}: {e(p)}\">")
-        if r.get("plot_error"):
-            H.append(f"<p>Plot error: <code>{e(_one_line(r['plot_error']))}</code></p>")
-        H.append("</section>")
-    if grid is not None:
-        H += ["<h2 id=\"grid\">Comparison grid: normalizer &times; batch size &times; learning "
-              "rate</h2>", f"<p>{_inline_md(_grid_description(grid))}</p>"]
-        header, rows = _grid_table_rows(grid)
-        H.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-        H += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
-        H.append("</table>")
-        H += [f"<img src=\"plots/{e(p)}\" alt=\"{e(p)}\">" for p in grid_plots]
-        H += [f"<p>Plot error: <code>{e(x)}</code></p>" for x in grid_errors]
-    H += ["<h2>How it was run</h2>", "<ul>"]
-    H += [f"<li>{e(k)}: {e(v)}</li>" for k, v in _run_facts(meta, records, grid)]
-    H += ["</ul>", "<h2>How to reproduce</h2>",
-          f"<pre>{e(meta.get('command', 'normlab study'))}</pre>",
-          "<p>Every run is stored under <code>runs/</code> and every claim's result under "
-          "<code>claims/</code>: the same command again reuses them and only rewrites this "
-          "report; <code>normlab report DIR</code> rebuilds the report from them.</p>",
-          "</body></html>", ""]
-    return "\n".join(H)
