@@ -212,7 +212,7 @@ def forest_rows(records: Sequence[dict]) -> list[dict]:
         for e in _effects(rec):
             if e.get("role", "claim") != "claim" or e.get("estimate") is None:
                 continue
-            rows.append({"label": f"{rec['number']}. {_short(rec.get('title'), 34)}: "
+            rows.append({"label": f"{rec['number']}. {_short(rec.get('title', rec['id']), 34)}: "
                                   f"{_one_line(e.get('name') or e.get('key'))}",
                          "unit": _one_line(e.get("unit")) or "(no unit)",
                          **{k: e.get(k) for k in ("estimate", "low", "high", "test",
@@ -283,8 +283,8 @@ def _forest_panel(ax, unit: str, rows: list[dict]) -> None:
         ax.text(1.01, y, f"needs {_test_text(row)}", transform=right, va="center",
                 fontsize=8, color="#444444")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(["\n".join(textwrap.wrap(r["label"], 58)[:2]) for r in rows],
-                       fontsize=8)
+    ax.set_yticklabels(["\n".join(textwrap.wrap(r["label"], 58, max_lines=2, placeholder=" …"))
+                        for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.4, -0.6)
     ax.axvline(0, color="#999999", lw=0.8, ls=":", zorder=1)
     ax.set_xlabel(unit, fontsize=9)
@@ -524,7 +524,7 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
         for r in records:
             if r["verdict"] != verdict:
                 continue
-            title = f"claim {r['number']} ({_md_inline(r['title'])})"
+            title = f"claim {r['number']} ({_md_inline(r.get('title', r['id']))})"
             if verdict == "reproduced":
                 lesson = _md_inline(r.get("takeaway") or r.get("reason", ""))
                 notes.append(f"Reproduced, {title}: {lesson}")
@@ -830,7 +830,7 @@ _TABLE_HEAD = ("| # | claim | verdict | effect | estimate | 95% interval | claim
 
 
 def _claim_link(r: dict) -> str:
-    return f"[{_md_cell(r['title'])}](#claim-{r['number']})"
+    return f"[{_md_cell(r.get('title', r['id']))}](#claim-{r['number']})"
 
 
 def _md_table(records: Sequence[dict]) -> str:
@@ -868,8 +868,8 @@ def _md_table(records: Sequence[dict]) -> str:
 def _md_claim(r: dict) -> str:
     """One claim: title and verdict, intervals, plots, takeaway and reason, the claim's
     text and changes, then the raw measurement folded."""
-    B = [f"### <a id=\"claim-{r['number']}\"></a>{r['number']}. {_md_inline(r['title'])} "
-         f"{_badge(r['verdict'])}"]
+    B = [f"### <a id=\"claim-{r['number']}\"></a>{r['number']}. "
+         f"{_md_inline(r.get('title', r['id']))} {_badge(r['verdict'])}"]
     if _effects(r):
         B.append("\n".join(f"- {_effect_line(e)}" for e in _effects(r)))
     if r.get("decisive") is False:
