@@ -193,6 +193,10 @@ def _refresh_claim_plots(out: Path, records: list[dict], claims: dict | None, re
 # --------------------------------------------------------------------------- overview figure
 
 
+def _title(record: dict) -> str:
+    return str(record.get("title") or record.get("id", "?"))
+
+
 def _short(text, width: int) -> str:
     text = _one_line(text)
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
@@ -212,7 +216,7 @@ def forest_rows(records: Sequence[dict]) -> list[dict]:
         for e in _effects(rec):
             if e.get("role", "claim") != "claim" or e.get("estimate") is None:
                 continue
-            rows.append({"label": f"{rec['number']}. {_short(rec.get('title', rec['id']), 34)}: "
+            rows.append({"label": f"{rec['number']}. {_short(_title(rec), 34)}: "
                                   f"{_one_line(e.get('name') or e.get('key'))}",
                          "unit": _one_line(e.get("unit")) or "(no unit)",
                          **{k: e.get(k) for k in ("estimate", "low", "high", "test",
@@ -524,7 +528,7 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
         for r in records:
             if r["verdict"] != verdict:
                 continue
-            title = f"claim {r['number']} ({_md_inline(r.get('title', r['id']))})"
+            title = f"claim {r['number']} ({_md_inline(_title(r))})"
             if verdict == "reproduced":
                 lesson = _md_inline(r.get("takeaway") or r.get("reason", ""))
                 notes.append(f"Reproduced, {title}: {lesson}")
@@ -830,7 +834,7 @@ _TABLE_HEAD = ("| # | claim | verdict | effect | estimate | 95% interval | claim
 
 
 def _claim_link(r: dict) -> str:
-    return f"[{_md_cell(r.get('title', r['id']))}](#claim-{r['number']})"
+    return f"[{_md_cell(_title(r))}](#claim-{r['number']})"
 
 
 def _md_table(records: Sequence[dict]) -> str:
@@ -869,7 +873,7 @@ def _md_claim(r: dict) -> str:
     """One claim: title and verdict, intervals, plots, takeaway and reason, the claim's
     text and changes, then the raw measurement folded."""
     B = [f"### <a id=\"claim-{r['number']}\"></a>{r['number']}. "
-         f"{_md_inline(r.get('title', r['id']))} {_badge(r['verdict'])}"]
+         f"{_md_inline(_title(r))} {_badge(r['verdict'])}"]
     if _effects(r):
         B.append("\n".join(f"- {_effect_line(e)}" for e in _effects(r)))
     if r.get("decisive") is False:
