@@ -157,6 +157,7 @@ def make_claim_plots(claim, measured, plots_dir: str | os.PathLike
     error = f"plot() named files that do not exist: {missing}" if missing else None
     return files, error
 
+
 def _refresh_claim_plots(out: Path, records: list[dict], claims: dict | None, replot: bool,
                          log) -> None:
     """Redraw a claim's plots when asked to or when one of its files is missing or not a
