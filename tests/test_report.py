@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
+from normlab.claims.protocol import Effect, evaluate
 from normlab.cli import main
 from normlab.report import (
     compact,
@@ -85,6 +86,12 @@ RECORDS = [
                 "inconclusive", threshold=2.0, values=(0.4,))],
         budget="quick", decisive=False, reason="the <b>ratio</b> | stayed at 0"),
 ]
+# claim 8's effects as the protocol writes them (with its "rule" text and a fail_below)
+_VERDICT8, _EFFECTS8 = evaluate(
+    [Effect("fixup_gap", "Fixup minus plain test accuracy", "points", "greater", threshold=2.0,
+            fail_below=0.5)], {"fixup_gap": [1.0, 2.5, 3.0, 1.5, 2.0]})
+RECORDS.append(_record(8, "f_protocol", "Fixup trains without normalization", _VERDICT8,
+                       _EFFECTS8, criterion_change=["old rule", "new rule"]))
 for _r in RECORDS:  # the old format had none of the protocol's keys
     if _r["id"] == "d_old":
         for _k in ("decisive", "setup_change", "criterion_change", "scale_note"):
@@ -152,7 +159,7 @@ def study(tmp_path_factory):
 
 def test_claims_json_holds_the_new_records_in_number_order(study):
     claims = json.loads((study / "claims.json").read_text())
-    assert [c["number"] for c in claims] == [1, 2, 3, 4, 5, 6, 7]
+    assert [c["number"] for c in claims] == [1, 2, 3, 4, 5, 6, 7, 8]
     first = claims[0]
     assert first["effects"] == RECORDS[0]["effects"]
     assert first["decisive"] is True and first["criterion_change"]["new"] == "interval above 0"
@@ -178,7 +185,7 @@ def test_markdown_opens_with_the_forest_plot_then_the_table_then_claims_in_order
     assert first_image.group(1) == "plots/overview_forest.png"
     table = md.index("| # | claim | verdict | effect | estimate |")
     assert first_image.start() < table
-    claims = [md.index(f'### <a id="claim-{n}"></a>{n}. ') for n in range(1, 8)]
+    claims = [md.index(f'### <a id="claim-{n}"></a>{n}. ') for n in range(1, 9)]
     assert table < claims[0] and claims == sorted(claims)
     assert md.index("## Comparison grid") > claims[-1]
 
@@ -198,9 +205,8 @@ def _table(md: str, heading_start: int) -> list[list[str]]:
 def test_table_shows_every_effect_and_lists_untestable_claims_apart(study):
     md = (study / "README.md").read_text()
     main_rows = _table(md, md.index("## Claims"))
-    # one row per effect of the measured claims with effects: 1 (2 effects), 2, 3, 7
-    assert len(main_rows) == 5
-    assert [r[0] for r in main_rows] == ["1", "", "2", "3", "7"]
+    # one row per effect of the measured claims with effects: 1 (2 effects), 2, 3, 7, 8
+    assert [r[0] for r in main_rows] == ["1", "", "2", "3", "7", "8"]
     premise, gap = main_rows[0], main_rows[1]
     assert premise[3] == "BN test accuracy at batch 32 (premise)"
     assert gap[3:8] == ["GN minus BN test accuracy at batch 2", "+3.1 points", "[+1.2, +5]",
@@ -210,6 +216,11 @@ def test_table_shows_every_effect_and_lists_untestable_claims_apart(study):
     assert equiv[6] == "within ±1 points" and equiv[9] == ""  # no previous noise: left empty
     assert main_rows[3][6] == "> 3 x" and main_rows[3][9] == "1.6 → 0.8 (0.50x)"
     assert main_rows[4][5] == "n/a" and main_rows[4][8] == "n/a"  # one seed: no interval
+    # a record from the protocol: its own rule text, and its interval as it computed it
+    e8 = _EFFECTS8[0]
+    assert main_rows[5][6] == "> 2 points (absent if < 0.5)" == e8["rule"]
+    assert main_rows[5][5] == f"[{e8['low']:+.3g}, {e8['high']:+.3g}]"
+    assert main_rows[5][4] == "+2 points" and e8["verdict"] == _VERDICT8 == "inconclusive"
     old = _table(md, md.index("### Claims without effect estimates"))
     assert [r[0] for r in old] == ["6"] and old[0][3] == "old rule held (ratio 2.0x)"
     apart = _table(md, md.index("### Not testable at this scale, or not available"))
@@ -232,8 +243,9 @@ def test_each_claim_shows_verdict_intervals_plot_text_then_raw_measurement(study
     assert "half-width 1.9 (previous noise 4 → 1.9 (0.47x)); n = 5, " + METHOD in one
     three = md[md.index('<a id="claim-3">'):md.index('<a id="claim-4">')]
     assert "**Scale.** A 3-layer CNN" in three
-    seven = md[md.index('<a id="claim-7">'):md.index("## Comparison grid")]
+    seven = md[md.index('<a id="claim-7">'):md.index('<a id="claim-8">')]
     assert "*Not decisive:* the quick budget is a smoke test" in seven
+    assert "Old: old rule New: new rule" in md  # a criterion change given as (old, new)
     # the raw measurement: folded, compact (40 values cut), with blank lines around the fence
     with_raw = [r for r in RECORDS if r["measured"] is not None]
     assert md.count("<details><summary>raw measurement</summary>\n\n") == len(with_raw)
@@ -293,10 +305,10 @@ def test_html_is_rendered_from_the_markdown(study):
     assert headings == parsed.headings
     md_rows = [[_plain(c) for c in re.split(r"(?<!\\)\|", line)[1:-1]]
                for line in md.split("\n") if line.startswith("| ")]
-    # 4 tables (claims, without effects, not testable, grid): headers + 5 + 1 + 2 + 3 rows
-    assert md_rows == parsed.rows and len(md_rows) == 4 + 5 + 1 + 2 + 3
+    # 4 tables (claims, without effects, not testable, grid): headers + 6 + 1 + 2 + 3 rows
+    assert md_rows == parsed.rows and len(md_rows) == 4 + 6 + 1 + 2 + 3
     # raw HTML inside the Markdown survives: the badges and the folded measurements
-    assert page.count("<details><summary>raw measurement</summary>") == 6
+    assert page.count("<details><summary>raw measurement</summary>") == 7
     assert page.count('<span class="v reproduced">') == md.count('<span class="v reproduced">')
     assert '<code class="language-json">' in page
 
@@ -324,8 +336,10 @@ def test_forest_plot_rows_and_file(study):
         "2. SN matches the better of BN and GN: SN minus the better of BN and GN",
         "3. BN needs fewer steps: steps without BN over steps with BN",
         "4. BN helps deep nets: BN gain at depth 32 minus at depth 4",
-        "7. Nothing grows <here>: LN shortfall at batch 1"]
-    assert [r["unit"] for r in rows] == ["points", "points", "x", "points", "points"]
+        "7. Nothing grows <here>: LN shortfall at batch 1",
+        "8. Fixup trains without normalization: Fixup minus plain test accuracy"]
+    assert [r["unit"] for r in rows] == ["points", "points", "x", "points", "points", "points"]
+    assert rows[-1]["fail_below"] == 0.5
     png = study / "plots" / "overview_forest.png"
     assert png_is_intact(png)
     import matplotlib.image

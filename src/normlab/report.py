@@ -221,17 +221,35 @@ def forest_rows(records: Sequence[dict]) -> list[dict]:
                                   f"{_one_line(e.get('name') or e.get('key'))}",
                          "unit": _one_line(e.get("unit")) or "(no unit)",
                          **{k: e.get(k) for k in ("estimate", "low", "high", "test",
-                                                  "threshold", "margin", "verdict")}})
+                                                  "threshold", "margin", "fail_below",
+                                                  "fail_above", "verdict")}})
     return rows
 
 
+def _fail_bound(e: dict) -> float | None:
+    """Where a greater/less claim would call the effect absent, when that differs from
+    its threshold (between the two the verdict can only be inconclusive)."""
+    fail = e.get("fail_below") if e.get("test") == "greater" else (
+        e.get("fail_above") if e.get("test") == "less" else None)
+    return None if fail is None or fail == e.get("threshold") else fail
+
+
 def _test_text(e: dict) -> str:
-    """What the claim needs of the effect, e.g. "> 0", "< -1", "within ±2"."""
+    """What the claim needs of the effect, e.g. "> 0", "< -1 (absent if > 0)", "within ±2"."""
     test = e.get("test")
     if test == "equivalent":
         return f"within ±{_num(e.get('margin'))}"
     sign = {"greater": ">", "less": "<"}.get(test)
-    return f"{sign} {_num(e.get('threshold'))}" if sign else str(test or "?")
+    if not sign:
+        return str(test or "?")
+    fail = _fail_bound(e)
+    absent = f" (absent if {'<' if sign == '>' else '>'} {_num(fail)})" if fail is not None else ""
+    return f"{sign} {_num(e.get('threshold'))}{absent}"
+
+
+def _rule(e: dict) -> str:
+    """The effect's rule with its unit: the record's own words where it has them."""
+    return _one_line(e.get("rule")) or f"{_test_text(e)} {_one_line(e.get('unit'))}".strip()
 
 
 def plot_forest(records: Sequence[dict], plots_dir: str | os.PathLike) -> str | None:
@@ -258,7 +276,8 @@ def plot_forest(records: Sequence[dict], plots_dir: str | os.PathLike) -> str | 
         for ax, (unit, unit_rows) in zip(axes[:, 0], units.items(), strict=True):
             _forest_panel(ax, unit, unit_rows)
         _forest_legend(fig, {r["verdict"] for r in rows},
-                         any(r["test"] == "equivalent" for r in rows))
+                         any(r["test"] == "equivalent" for r in rows),
+                         any(_fail_bound(r) is not None for r in rows))
         fig.suptitle("Every claim's effect: estimate and 95% interval against its threshold",
                      fontsize=11)
         fig.tight_layout(rect=(0, 0.05 if len(rows) < 6 else 0.03, 1, 0.98))
@@ -280,6 +299,8 @@ def _forest_panel(ax, unit: str, rows: list[dict]) -> None:
                              color="#5c6f9c", alpha=0.16, lw=0)
         elif row["threshold"] is not None:
             ax.plot(row["threshold"], y, "|", color="black", ms=17, mew=2, zorder=4)
+            if _fail_bound(row) is not None:  # where the claim would call the effect absent
+                ax.plot(_fail_bound(row), y, "|", color="#888888", ms=12, mew=2, zorder=4)
         if row["low"] is not None and row["high"] is not None:
             ax.hlines(y, row["low"], row["high"], color=color, lw=2.6, zorder=3)
             ax.plot(row["estimate"], y, "o", color=color, ms=7, zorder=5)
@@ -297,7 +318,7 @@ def _forest_panel(ax, unit: str, rows: list[dict]) -> None:
     ax.margins(x=0.08)
 
 
-def _forest_legend(fig, verdicts: set, has_margin: bool) -> None:
+def _forest_legend(fig, verdicts: set, has_margin: bool, has_fail: bool) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -305,6 +326,9 @@ def _forest_legend(fig, verdicts: set, has_margin: bool) -> None:
                for v in _VERDICT_MARK if v in verdicts]
     handles.append(Line2D([], [], marker="|", color="black", ls="", ms=12, mew=2,
                           label="threshold"))
+    if has_fail:
+        handles.append(Line2D([], [], marker="|", color="#888888", ls="", ms=9, mew=2,
+                              label="absent beyond"))
     if has_margin:
         handles.append(Patch(color="#5c6f9c", alpha=0.16, label="equivalence margin"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
@@ -768,7 +792,7 @@ def _effect_line(e: dict) -> str:
     text += f"; n = {e.get('n', '?')}"
     if e.get("method"):
         text += f", {_md_inline(e['method'])}"
-    return text + f". Needs {_md_inline(_test_text(e))} {unit}: {_badge(e.get('verdict', '?'))}"
+    return text + f". Needs {_md_inline(_rule(e))}: {_badge(e.get('verdict', '?'))}"
 
 
 def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
@@ -852,7 +876,7 @@ def _md_table(records: Sequence[dict]) -> str:
             name = _md_cell(e.get("name") or e.get("key"))
             cells = lead + [name + (" (premise)" if e.get("role") == "premise" else ""),
                             f"{_signed(e.get('estimate'))} {unit}", _interval(e),
-                            f"{_md_cell(_test_text(e))} {unit}", _badge(e.get("verdict", "?")),
+                            _md_cell(_rule(e)), _badge(e.get("verdict", "?")),
                             _num(e.get("half_width")), _noise_change(e)]
             L += ["", _TABLE_HEAD] if len(L) == 1 else []
             L.append("| " + " | ".join(cells) + " |")
@@ -894,6 +918,8 @@ def _md_claim(r: dict) -> str:
     if r.get("setup_change"):
         B.append(f"**What changed in the setup, and why.** {_md_text(r['setup_change'])}")
     change = r.get("criterion_change")
+    if isinstance(change, (list, tuple)) and len(change) == 2:  # (old, new) as JSON
+        change = {"old": change[0], "new": change[1]}
     if isinstance(change, dict):
         B.append("**Criterion restated under the statistical protocol.** "
                  f"Old: {_md_inline(change.get('old'))} New: {_md_inline(change.get('new'))}")
