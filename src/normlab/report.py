@@ -269,8 +269,8 @@ def plot_forest(records: Sequence[dict], plots_dir: str | os.PathLike) -> str | 
     for row in rows:
         units.setdefault(row["unit"], []).append(row)
     heights = [len(u) + 1.6 for u in units.values()]
-    fig, axes = plt.subplots(len(units), 1, squeeze=False,
-                             figsize=(11, 0.42 * sum(heights) + 0.9),
+    fig_h = 0.42 * sum(heights) + 1.1
+    fig, axes = plt.subplots(len(units), 1, squeeze=False, figsize=(11, fig_h),
                              gridspec_kw={"height_ratios": heights})
     try:
         for ax, (unit, unit_rows) in zip(axes[:, 0], units.items(), strict=True):
@@ -280,7 +280,7 @@ def plot_forest(records: Sequence[dict], plots_dir: str | os.PathLike) -> str | 
                          any(_fail_bound(r) is not None for r in rows))
         fig.suptitle("Every claim's effect: estimate and 95% interval against its threshold",
                      fontsize=11)
-        fig.tight_layout(rect=(0, 0.05 if len(rows) < 6 else 0.03, 1, 0.98))
+        fig.tight_layout(rect=(0, 0.45 / fig_h, 1, 1 - 0.1 / fig_h))  # legend below
         Path(plots_dir).mkdir(parents=True, exist_ok=True)
         fig.savefig(Path(plots_dir) / FOREST_PLOT, dpi=100)
     finally:
