@@ -177,6 +177,7 @@ def test_run_facts_and_verdict_rule_come_before_the_figure(study):
         assert fact in top, fact
     # claim 7 ran at the quick budget, which decides nothing: the report says so
     assert "**Not decisive.** Claim 7 ran at the quick budget, a smoke test" in top
+    assert "1 claims here predate" not in top and "1 claim here predates" in top  # claim 6
 
 
 def test_markdown_opens_with_the_forest_plot_then_the_table_then_claims_in_order(study):
@@ -415,6 +416,9 @@ def test_old_snapshot_with_only_claims_json_shows_verdict_and_reason(tmp_path):
     write_report(tmp_path, claims={})
     md = (tmp_path / "README.md").read_text()
     assert "No claim here recorded an effect with an estimate" in md
+    # the protocol's rule is not claimed for verdicts it did not decide
+    assert "How verdicts are decided" not in md
+    assert "Every claim here predates the statistical protocol" in md
     assert "| # | claim | verdict | effect |" not in md  # no empty effects table
     assert [r[0] for r in _table(md, md.index("### Claims without effect"))] == ["1", "2"]
     assert md.index("**Why reproduced.** reason 1") < md.index("**Why inconclusive.** reason 2")

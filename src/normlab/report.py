@@ -824,7 +824,14 @@ def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
 def _md_top(meta: dict, records: Sequence[dict]) -> str:
     L = ["# normlab study: the papers' claims about normalization, re-run at small scale", ""]
     L += [f"- **{k}:** {v}" for k, v in _run_top(meta, records)]
-    L += ["", VERDICT_RULE]
+    old = [r for r in records if "effects" not in r]
+    if len(old) < len(records):
+        L += ["", VERDICT_RULE]
+    if old:  # the rule above would be untrue of them
+        who = ("Every claim here predates" if len(old) == len(records) else
+               "1 claim here predates" if len(old) == 1 else f"{len(old)} claims here predate")
+        L += ["", f"{who} the statistical protocol (no effects recorded): each verdict "
+              "followed its claim's own criterion, shown with the claim."]
     smoke = [r for r in records if r.get("decisive") is False]
     if smoke:
         which = ("Every claim" if len(smoke) == len(records) else
