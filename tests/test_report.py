@@ -42,7 +42,8 @@ def _record(number, cid, title, verdict, effects=None, **extra):
     rec = {"id": cid, "number": number, "title": title, "statement": f"statement {number}",
            "source": f"Paper {number}, Table 1", "setup": f"setup {number}",
            "criterion": f"criterion {number}", "requires": [], "budget": "default",
-           "budget_detail": {"name": "default", "seeds": 5, "step_scale": 1.0},
+           "budget_detail": {"name": "default", "seeds": 5, "step_scale": 1.0,
+                             "decisive": True},
            "data": "mnist5k", "measured": {"curve": [i / 10 for i in range(40)], "n": number},
            "verdict": verdict, "reason": f"reason {number}", "error": None, "traceback": None,
            "plots": [], "plot_error": None, "seconds": 1.5, "cpu_seconds": 1.2,
@@ -77,14 +78,16 @@ RECORDS = [
         _effect("depth_gain", "BN gain at depth 32 minus at depth 4", "points", "greater", 1.0,
                 -0.5, 2.5, "not testable at this scale")],
         reason="the premise failed: BN does not help the shallow net here"),
+    # the study marks a claim it could not measure as not decisive too (not a smoke test)
     _record(5, "c_na", "EvoNorm beats BN", "not available", [], measured=None,
-            reason="the layer is missing"),
+            reason="the layer is missing", decisive=False),
     _record(6, "d_old", "Old-format claim", "reproduced", None,
             reason="old rule held (ratio 2.0x)"),
     _record(7, "e_quick", "Nothing grows <here>", "inconclusive", [
         _effect("ln_short", "LN shortfall at batch 1", "points", "less", 0.4, None, None,
                 "inconclusive", threshold=2.0, values=(0.4,))],
-        budget="quick", decisive=False, reason="the <b>ratio</b> | stayed at 0"),
+        budget="quick", decisive=False, reason="the <b>ratio</b> | stayed at 0",
+        budget_detail={"name": "quick", "seeds": 2, "step_scale": 0.25, "decisive": False}),
 ]
 # claim 8's effects as the protocol writes them (with its "rule" text and a fail_below)
 _VERDICT8, _EFFECTS8 = evaluate(
@@ -96,6 +99,7 @@ for _r in RECORDS:  # the old format had none of the protocol's keys
     if _r["id"] == "d_old":
         for _k in ("decisive", "setup_change", "criterion_change", "scale_note"):
             del _r[_k]
+        del _r["budget_detail"]["decisive"]
 
 META = {"budget": "default", "budget_detail": {"name": "default", "seeds": 5, "step_scale": 1.0},
         "data": "mnist5k", "code_hash": "0123456789abcdef" * 4, "normlab_version": "0.2.0",
@@ -246,6 +250,8 @@ def test_each_claim_shows_verdict_intervals_plot_text_then_raw_measurement(study
     assert "**Scale.** A 3-layer CNN" in three
     seven = md[md.index('<a id="claim-7">'):md.index('<a id="claim-8">')]
     assert "*Not decisive:* the quick budget is a smoke test" in seven
+    five = md[md.index('<a id="claim-5">'):md.index('<a id="claim-6">')]
+    assert "Not decisive" not in five  # not measured, at a budget that does decide
     assert "Old: old rule New: new rule" in md  # a criterion change given as (old, new)
     # the raw measurement: folded, compact (40 values cut), with blank lines around the fence
     with_raw = [r for r in RECORDS if r["measured"] is not None]

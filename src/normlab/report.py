@@ -821,6 +821,15 @@ def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
     ]
 
 
+def _smoke(r: dict) -> bool:
+    """Whether the claim ran at a budget that decides nothing (the quick smoke test). A
+    failed or unavailable measurement is not decisive either, but not for that reason."""
+    detail = r.get("budget_detail") or {}
+    if "decisive" in detail:
+        return detail["decisive"] is False
+    return r.get("decisive") is False and bool(_effects(r)) and not r.get("error")
+
+
 def _md_top(meta: dict, records: Sequence[dict]) -> str:
     L = ["# normlab study: the papers' claims about normalization, re-run at small scale", ""]
     L += [f"- **{k}:** {v}" for k, v in _run_top(meta, records)]
@@ -832,7 +841,7 @@ def _md_top(meta: dict, records: Sequence[dict]) -> str:
                "1 claim here predates" if len(old) == 1 else f"{len(old)} claims here predate")
         L += ["", f"{who} the statistical protocol (no effects recorded): each verdict "
               "followed its claim's own criterion, shown with the claim."]
-    smoke = [r for r in records if r.get("decisive") is False]
+    smoke = [r for r in records if _smoke(r)]
     if smoke:
         which = ("Every claim" if len(smoke) == len(records) else
                  ("Claims " if len(smoke) > 1 else "Claim ")
@@ -908,7 +917,7 @@ def _md_claim(r: dict) -> str:
          f"{_md_inline(_title(r))} {_badge(r['verdict'])}"]
     if _effects(r):
         B.append("\n".join(f"- {_effect_line(e)}" for e in _effects(r)))
-    if r.get("decisive") is False:
+    if _smoke(r):
         B.append(f"*Not decisive:* the {r.get('budget')} budget is a smoke test; its verdict "
                  "is capped at inconclusive.")
     B += [f"![{r['number']}: {p}](plots/{p})" for p in r.get("plots") or []]
