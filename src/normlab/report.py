@@ -211,7 +211,8 @@ def _effects(record: dict) -> list[dict]:
 def forest_rows(records: Sequence[dict]) -> list[dict]:
     """One row per effect of role "claim" that has an estimate, claims in number order and
     effects in declaration order: ``{"label": "N. short title: effect name", "unit",
-    "estimate", "low", "high", "test", "threshold", "margin", "verdict"}``."""
+    "estimate", "low", "high", "test", "threshold", "margin", "fail_below", "fail_above",
+    "verdict"}``."""
     rows = []
     for rec in sorted(records, key=lambda r: (r["number"], r["id"])):
         for e in _effects(rec):
@@ -542,7 +543,8 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
     notes = []
     counts = {v: sum(r["verdict"] == v for r in records) for v in _VERDICT_MARK}
     if records:
-        notes.append(f"Of {len(records)} claims, **{counts['reproduced']} reproduced**, "
+        notes.append(f"Of {len(records)} claim{'s' if len(records) > 1 else ''}, "
+                     f"**{counts['reproduced']} reproduced**, "
                      f"**{counts['not reproduced']} not reproduced**, "
                      f"{counts['inconclusive']} inconclusive, "
                      f"{counts['not testable at this scale']} not testable at this scale and "
