@@ -104,7 +104,8 @@ for _r in RECORDS:  # the old format had none of the protocol's keys
 META = {"budget": "default", "budget_detail": {"name": "default", "seeds": 5, "step_scale": 1.0},
         "data": "mnist5k", "code_hash": "0123456789abcdef" * 4, "normlab_version": "0.2.0",
         "machine": {"cpu_count": 2, "platform": "Linux", "python": "3.11", "torch": "2.13.0"},
-        "wall_seconds": 812.5, "command": "normlab study --out /tmp/s", "out_dir": "/tmp/s",
+        "device": "cpu", "executor": "local", "wall_seconds": 812.5,
+        "command": "normlab study --out /tmp/s", "out_dir": "/tmp/s",
         "history": [{"started_at": "t0", "wall_seconds": 812.5, "runs_done": 9,
                      "runs_reused": 0}]}
 
@@ -175,7 +176,7 @@ def test_run_facts_and_verdict_rule_come_before_the_figure(study):
     md = (study / "README.md").read_text()
     top = md[:md.index("![")]
     for fact in ("**budget:** default", "**seeds:** 5", META["code_hash"],
-                 "**normlab version:** 0.2.0", "2 CPUs", "812.5 s",
+                 "**normlab version:** 0.2.0", "2 CPUs", "runs on cpu", "812.5 s",
                  "`normlab study --out /tmp/s`", "How verdicts are decided",
                  "inside the equivalence margin", "not testable at this scale"):
         assert fact in top, fact

@@ -817,7 +817,8 @@ def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
         ("normlab version", str(meta.get("normlab_version") or m.get("normlab", "?"))),
         ("machine", f"{m.get('cpu_count', '?')} CPUs, {m.get('platform', '?')}, "
          + ", ".join(f"{name} {m[key]}" for name, key in (
-             ("Python", "python"), ("torch", "torch"), ("numpy", "numpy")) if m.get(key))),
+             ("Python", "python"), ("torch", "torch"), ("numpy", "numpy")) if m.get(key))
+         + (f"; runs on {meta['device']}" if meta.get("device") else "")),
         ("wall time", wall),
         ("command", f"`{_one_line(meta.get('command', 'normlab study'))}`"),
     ]
@@ -997,8 +998,9 @@ def _run_facts(meta: dict, records: Sequence[dict], grid: dict | None) -> list[t
         ("compute in the stored results", f"claims {claim_s:.0f} s wall / {claim_cpu:.0f} s "
          f"CPU in their workers, grid runs {grid_s:.0f} s wall (timings on a shared machine "
          "are noisy)"),
-        ("workers", f"{meta.get('workers', '?')} ({meta.get('start_method', '?')}), one torch "
-         "thread each"),
+        ("workers", f"{meta.get('workers', '?')} ({meta.get('start_method', '?')}"
+         + (f", executor {meta['executor']}" if meta.get("executor") else "")
+         + "), one torch thread each"),
     ]
 
 
