@@ -26,6 +26,7 @@ __all__ = [
     "channels_last_format",
     "normalize",
     "update_running_",
+    "warn_non_finite",
     "PATHS",
 ]
 
@@ -109,6 +110,20 @@ def normalize(
     return y.to(out_dtype)
 
 
+def warn_non_finite(name: str, bad: Tensor, stacklevel: int) -> None:
+    """The RuntimeWarning, naming the layer and the channels (``bad``: a bool vector),
+    that a non-finite batch statistic was kept out of the running statistics.
+    ``stacklevel`` counts as warnings.warn would in the caller (1: the caller)."""
+    channels = bad.nonzero().flatten().tolist()
+    shown = channels[:8] + (["..."] if len(channels) > 8 else [])
+    warnings.warn(
+        f"{name}: non-finite batch statistics (NaN or inf) in channels {shown}; "
+        "the running statistics of those channels were left unchanged",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def update_running_(
     running: Tensor, batch_value: Tensor, factor: float, name: str = "normlab"
 ) -> None:
@@ -130,11 +145,4 @@ def update_running_(
         updated = torch.lerp(running, batch_value, factor)
         running.copy_(torch.where(finite, updated, running))
         if not torch.compiler.is_compiling() and not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            shown = bad[:8] + (["..."] if len(bad) > 8 else [])
-            warnings.warn(
-                f"{name}: non-finite batch statistics (NaN or inf) in channels {shown}; "
-                "the running statistics of those channels were left unchanged",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            warn_non_finite(name, ~finite, stacklevel=3)

@@ -42,7 +42,6 @@ sync) the shift is always applied.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +53,7 @@ from normlab.functional.common import (
     channels_last_format,
     spatial_size,
     update_running_,
+    warn_non_finite,
 )
 
 __all__ = [
@@ -198,14 +198,7 @@ def _restore_non_finite_(
             running.copy_(torch.where(finite, running, old))
             bad = ~finite if bad is None else bad | ~finite
         if not torch.compiler.is_compiling() and bool(bad.any()):
-            channels = bad.nonzero().flatten().tolist()
-            shown = channels[:8] + (["..."] if len(channels) > 8 else [])
-            warnings.warn(
-                f"{name}: non-finite batch statistics (NaN or inf) in channels {shown}; "
-                "the running statistics of those channels were left unchanged",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            warn_non_finite(name, bad, stacklevel=5)
 
 
 def _batch_norm_float_sums(
