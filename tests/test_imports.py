@@ -19,7 +19,7 @@ SRC = Path(normlab.__file__).parent
 
 # Private names the lab's modules still share while they are being rewritten (issue 16,
 # the lab's part); remove an entry once its owner makes the name public or local.
-KNOWN = {("normlab.study", "normlab.claims.base._key_to_filename")}
+KNOWN: set = set()
 
 
 def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
