@@ -207,8 +207,9 @@ def test_nan_in_gives_nan_out_where_it_reaches(name, bad_value, train):
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_nan_batch_keeps_running_stats_and_warns(name, bad_value, momentum):
-    if name == "BatchRenorm" and momentum is None:
-        momentum = 0.1  # BatchRenorm has no cumulative-average mode
+    if name in ("BatchRenorm", "InstanceNorm") and momentum is None:
+        # no cumulative-average mode (InstanceNorm: None means no update, as in torch.nn)
+        momentum = 0.1
     make = {
         "BatchNorm": lambda: nl.BatchNorm(C, momentum=momentum),
         "BatchRenorm": lambda: nl.BatchRenorm(C, momentum=momentum),

@@ -136,10 +136,10 @@ def test_swap_running_stats_not_copied_between_different_statistics():
     assert "running_mean" not in replaced[0].note
 
 
-def test_swap_keeps_last_dim_layernorm_unless_asked():
+def test_swap_keeps_last_dim_layernorm_for_channel_first_norms_unless_asked():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.BatchNorm1d(8))
-    model, replaced = convert.swap_norm(model, "rms")
-    assert isinstance(model[1], nn.LayerNorm) and isinstance(model[2], L.RMSNorm)
+    model, replaced = convert.swap_norm(model, "bn")
+    assert isinstance(model[1], nn.LayerNorm) and isinstance(model[2], L.BatchNorm)
     assert replaced[0].new is None and "last dimension" in replaced[0].note
     model, _ = convert.swap_norm(model, "gn", include_layer_norm=True)
     assert isinstance(model[1], L.GroupNorm) and isinstance(model[2], L.GroupNorm)

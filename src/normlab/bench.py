@@ -313,8 +313,8 @@ LAYERS: dict[str, LayerSpec] = {
             "composite": lambda c, s: _Composite("batch_renorm", c),
         }),
         LayerSpec("LayerNorm", {
-            "normlab": lambda c, s: nl.LayerNorm(c),
-            "normlab-fused": lambda c, s: nl.LayerNorm(c, fused=True),
+            "normlab": lambda c, s: nl.LayerNorm(c, layout="channels_first"),
+            "normlab-fused": lambda c, s: nl.LayerNorm(c, fused=True, layout="channels_first"),
             "normlab-reference": lambda c, s: _Functional("layer", c),
             "torch": lambda c, s: tnn.LayerNorm(s[1:], eps=EPS),
             "composite": lambda c, s: _Composite("layer", c),
@@ -327,7 +327,7 @@ LAYERS: dict[str, LayerSpec] = {
             "composite": lambda c, s: _Composite("channel_layer", c),
         }, has_eval=False, note="torch: permute, nn.LayerNorm(C), permute (timm)"),
         LayerSpec("RMSNorm", {
-            "normlab": lambda c, s: nl.RMSNorm(c, eps=EPS),
+            "normlab": lambda c, s: nl.RMSNorm(c, eps=EPS, layout="channels_first"),
             "torch": lambda c, s: tnn.RMSNorm(s[1:], eps=EPS),
             "composite": lambda c, s: _Composite("rms", c),
         }, has_eval=False),

@@ -42,6 +42,15 @@ _LAST_DIM_NORMS: tuple[type, ...] = (nn.LayerNorm,) + (
 )
 
 
+def _is_last_dim(module: nn.Module) -> bool:
+    """torch's LayerNorm/RMSNorm (and subclasses), and normlab's with layout="last".
+    Not subclasses named ...2d/...3d, such as timm's LayerNorm2d: they move the
+    channels of (N, C, H, W) input last and back, so they are channel-first norms."""
+    if isinstance(module, _LAST_DIM_NORMS):
+        return not type(module).__name__.lower().endswith(("2d", "3d"))
+    return getattr(module, "layout", None) == "last"
+
+
 @dataclass(frozen=True)
 class Replacement:
     """One layer :func:`swap_norm` replaced (or skipped: ``new`` is None)."""
@@ -76,7 +85,8 @@ def num_channels_of(module: nn.Module) -> int | None:
     """The channel count of a normalization layer (normlab's, torch.nn's batch, instance,
     group and one-dimension layer norms, frozen batch norms), or None if it has none."""
     if isinstance(module, nlnn.NormBase):
-        return module.num_channels
+        shape = getattr(module, "normalized_shape", (module.num_channels,))
+        return module.num_channels if len(shape) == 1 else None
     if isinstance(module, _NormBase):
         return module.num_features or None  # 0 for an uninitialised lazy layer
     if isinstance(module, nn.GroupNorm):
@@ -105,16 +115,18 @@ def _first_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _copy_state(old: nn.Module, new: nn.Module, channels: int) -> list[str]:
-    """Copy what means the same in both layers; return what was copied."""
+def _copy_state(old: nn.Module, new: nn.Module, channels: int | tuple[int, ...]) -> list[str]:
+    """Copy what means the same in both layers; return what was copied. ``channels``:
+    the affine's shape, or its length."""
     copied = []
+    shape = channels if isinstance(channels, tuple) else (channels,)
     with torch.no_grad():
         for name in ("weight", "bias"):
             src, dst = getattr(old, name, None), getattr(new, name, None)
             if (
                 isinstance(src, torch.Tensor)
                 and isinstance(dst, nn.Parameter)
-                and src.shape == dst.shape == (channels,)
+                and src.shape == dst.shape == shape
             ):
                 dst.copy_(src)
                 dst.requires_grad_(src.requires_grad)
@@ -126,6 +138,36 @@ def _copy_state(old: nn.Module, new: nn.Module, channels: int) -> list[str]:
                     dst.copy_(src.reshape(dst.shape))
                     copied.append(name)
     return copied
+
+
+def _last_dim_arguments(name, old: nn.Module, kwargs: dict) -> dict | None:
+    """The arguments that rebuild torch's last-dimension norm ``old`` as normlab's
+    LayerNorm or RMSNorm with ``layout="last"`` (its normalized_shape, eps and affine;
+    ``kwargs`` win), or None where ``name`` is neither."""
+    if not isinstance(name, str) or get_norm_spec(name).name not in ("layer", "rms"):
+        return None
+    affine = getattr(old, "elementwise_affine", getattr(old, "affine", True))
+    arguments = {"layout": "last", "eps": old.eps, "affine": affine}
+    if isinstance(old, (nn.LayerNorm, nlnn.LayerNorm)) and get_norm_spec(name).name == "layer":
+        arguments["bias"] = old.bias is not None
+    return {**arguments, **kwargs}
+
+
+def _norm_act_hook(module: nn.Module, args, output):
+    return module.act(module.drop(output))
+
+
+def _carry_norm_act(old: nn.Module, new: nn.Module) -> bool:
+    """Give ``new`` the ``drop`` and ``act`` modules of a norm-activation layer such as
+    timm's BatchNormAct2d (forward: norm, then drop, then act), applied after it by a
+    forward hook, so that swapping the norm keeps the activation. True if it did."""
+    drop, act = getattr(old, "drop", None), getattr(old, "act", None)
+    if not (isinstance(drop, nn.Module) and isinstance(act, nn.Module)) or new is old:
+        return False
+    new.add_module("drop", drop)
+    new.add_module("act", act)
+    new.register_forward_hook(_norm_act_hook)
+    return True
 
 
 def swap_norm(
@@ -147,9 +189,13 @@ def swap_norm(
     channel count (32 groups at most, 2 channels a group at least: 48 channels get
     24 groups), and the summary says what it chose.
 
-    ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` normalize the *last* dimension
-    (transformer layout ``(N, L, C)``), while normlab's layers are channel-first, so
-    they are kept unless ``include_layer_norm=True`` (right for MLPs on ``(N, C)``).
+    ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` normalize the *last* dimensions
+    (``(N, L, C)``). ``"layer"`` or ``"rms"`` makes them normlab's with
+    ``layout="last"`` and the same ``normalized_shape``, eps, affine and bias (a ViT
+    keeps its function); other norms are channel-first, so they are kept unless
+    ``include_layer_norm=True`` (right for MLPs on ``(N, C)``). A norm-activation layer
+    (timm's ``BatchNormAct2d``: ``drop`` and ``act`` after the norm) hands both to its
+    replacement, which applies them after itself (a forward hook).
 
     The model is changed in place (a layer shared by several parents is replaced by
     one shared new layer) and returned with the list of :class:`Replacement`; each
@@ -209,13 +255,16 @@ def _replacement(path: str, old: nn.Module, name, kwargs: dict, include_layer_no
     """The new layer for ``old`` (None where it is kept) and the record saying so."""
     old_desc = _describe(old)
     channels = num_channels_of(old)
+    last = _last_dim_arguments(name, old, kwargs) if _is_last_dim(old) else None
+    if last is not None:
+        channels = tuple(old.normalized_shape)
     if channels is None:
         return None, Replacement(path, old_desc, None, "channel count unknown")
-    if isinstance(old, _LAST_DIM_NORMS) and not include_layer_norm:
+    if _is_last_dim(old) and last is None and not include_layer_norm:
         return None, Replacement(
             path, old_desc, None,
             "normalizes the last dimension; pass include_layer_norm=True to swap it")
-    layer_kwargs = dict(kwargs)
+    layer_kwargs = dict(kwargs) if last is None else last
     note = ""
     is_group = isinstance(name, str) and get_norm_spec(name).name == "group"
     if is_group and "num_groups" not in layer_kwargs:
@@ -234,6 +283,8 @@ def _replacement(path: str, old: nn.Module, name, kwargs: dict, include_layer_no
     copied = _copy_state(old, new, channels)
     if copied:
         note = "; ".join(filter(None, [note, "copied " + ", ".join(copied)]))
+    if _carry_norm_act(old, new):
+        note = "; ".join(filter(None, [note, "kept its drop and act"]))
     return new, Replacement(path, old_desc, _describe(new), note)
 
 

@@ -115,13 +115,26 @@ register_norm("sync_batch", nlnn.SyncBatchNorm, ("syncbn", "sync_bn", "syncbatch
                                                  "sync_batch_norm", "sync_batchnorm",
                                                  "mmsyncbn", "nnsyncbn", "naivesyncbn"),
               "Batch Normalization with statistics over all ranks, any backend (gloo included)")
-register_norm("layer", nlnn.LayerNorm, ("ln", "layernorm", "layer_norm", "layernormfp32",
-                                        "groupnorm1", "layer_normalization"),
+def _channel_first(cls):
+    # By name, "layer" and "rms" are the lab's channel-first norms over C x * (what the
+    # CNNs and MLPs of the study use), so that no input shape makes them ambiguous;
+    # layout="last" (swap_norm passes it for torch.nn.LayerNorm/RMSNorm) gives torch's.
+    def factory(num_channels, **kwargs) -> nn.Module:
+        kwargs.setdefault("layout", "channels_first")
+        return cls(num_channels, **kwargs)
+
+    factory.__doc__ = cls.__doc__
+    return factory
+
+
+register_norm("layer", _channel_first(nlnn.LayerNorm),
+              ("ln", "layernorm", "layer_norm", "layernormfp32", "groupnorm1",
+               "layer_normalization"),
               "Layer Normalization over C x spatial (Ba et al. 2016)")
 register_norm("layer_channels", nlnn.ChannelLayerNorm, ("ln2d", "layernorm2d", "channel_layer",
                                                         "channel_layer_norm", "layernorm2dfp32"),
               "Layer Normalization over channels only, per position (ConvNeXt, timm LayerNorm2d)")
-register_norm("rms", nlnn.RMSNorm, ("rmsnorm", "rms_norm", "rmsnormfp32"),
+register_norm("rms", _channel_first(nlnn.RMSNorm), ("rmsnorm", "rms_norm", "rmsnormfp32"),
               "Root Mean Square normalization (Zhang & Sennrich 2019)")
 register_norm("instance", nlnn.InstanceNorm, ("in", "instancenorm", "instance_norm",
                                               "instancenorm1d", "instancenorm2d",

@@ -19,6 +19,10 @@ from normlab import stats
 
 __all__ = [
     "check_input",
+    "check_batch_first",
+    "check_eps",
+    "as_normalized_shape",
+    "check_last_dims",
     "check_path",
     "channel_shape",
     "batch_dims",
@@ -58,6 +62,61 @@ def check_input(x: Tensor, num_channels: int, name: str, min_dim: int = 2) -> No
         )
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+
+
+def check_batch_first(x: Tensor, name: str) -> None:
+    """Raise naming ``name`` unless ``x`` is a tensor of at least 2 dimensions."""
+    # The (N, C, *) functions index x.shape[1]; without this a 1-D tensor would end in
+    # an IndexError or an unpacking error that names nothing.
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name}: expected input of shape (N, C, *) with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)} (normlab's functions are batch-first; add the batch "
+            f"dimension with x.unsqueeze(0))"
+        )
+
+
+def check_eps(eps, name: str) -> None:
+    """Raise ValueError naming ``name`` if ``eps`` (a number, or None) is negative."""
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+
+
+def as_normalized_shape(normalized_shape, name: str,
+                        what: str = "normalized_shape must be a positive int or a non-empty "
+                                    "sequence of positive ints") -> tuple[int, ...]:
+    """torch.nn.LayerNorm's ``normalized_shape`` (an int or a sequence of positive ints)
+    as a tuple; ValueError naming ``name`` and the argument (``what``) otherwise."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if (not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                         for d in shape)):
+        raise ValueError(f"{name}: {what}, got {normalized_shape!r}")
+    return shape
+
+
+def check_last_dims(x: Tensor, shape: tuple[int, ...], name: str,
+                    *params: Tensor | None) -> None:
+    """Raise naming ``name`` unless ``x`` is a float tensor ending in ``shape`` and every
+    given parameter has that shape (torch's layer and RMS norm conventions)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(
+            f"{name}: expected input of shape (*, {', '.join(map(str, shape))}) "
+            f"(normalized_shape={shape}, the last dimensions), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+    for p in params:
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{name}: weight and bias must have shape normalized_shape="
+                             f"{shape}, got {tuple(p.shape)}")
 
 
 def channel_shape(x: Tensor) -> tuple[int, ...]:

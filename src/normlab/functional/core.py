@@ -25,9 +25,13 @@ from torch import Tensor
 from normlab import stats
 from normlab.functional import fastpath
 from normlab.functional.common import (
+    as_normalized_shape,
     batch_dims,
     channel_shape,
+    check_batch_first,
+    check_eps,
     check_input,
+    check_last_dims,
     check_path,
     normalize,
     spatial_size,
@@ -56,6 +60,15 @@ __all__ = [
     "instance_normalized",
     "instance_moments_fast",
 ]
+
+
+def _torch_style_call(name: str, arg, spelled: str) -> TypeError:
+    return TypeError(
+        f"{name}: the second argument is the weight tensor, got {arg!r}. "
+        f"normlab.functional.{name}(x, {spelled}) normalizes (N, C, *) input over C x *; "
+        f"torch's {name}(x, normalized_shape, ...) over the last dimensions is "
+        f"normlab.functional.{name}(x, {spelled}, normalized_shape=...)"
+    )
 
 
 def _batch_moments(
@@ -133,7 +146,22 @@ def batch_norm(
     ``moments_fn`` and other devices take the composite over :mod:`normlab.stats`, which
     ``path="reference"`` forces. Either way a non-finite batch statistic never reaches
     the running statistics.
+
+    Raises:
+        ValueError: input of fewer than 2 dimensions; ``eps <= 0`` where batch
+            statistics normalize (as torch); one value per channel in training.
     """
+    check_batch_first(x, name)
+    use_batch_stats = training or running_mean is None or running_var is None
+    if use_batch_stats and not eps > 0:  # as torch: rsqrt(0) on a constant channel
+        raise ValueError(f"{name}: eps must be > 0 when batch statistics normalize "
+                         f"(training), got {eps}")
+    if use_batch_stats and x.numel() == 0:
+        # An empty batch (N = 0), as torch.nn: empty output, running statistics unchanged
+        # (not a NaN batch to warn about); still a function of weight and bias.
+        ones = x.new_ones(channel_shape(x))
+        return normalize(x, ones * 0, ones, eps, None if weight is None else
+                         weight.view(ones.shape), None if bias is None else bias.view(ones.shape))
     if path == "auto":
         y = fastpath.batch_norm(x, running_mean, running_var, weight, bias, training,
                                 momentum, eps, mask, name, moments_fn)
@@ -256,6 +284,9 @@ def layer_norm(
     eps: float = 1e-5,
     mask: Tensor | None = None,
     path: str = "auto",
+    *,
+    normalized_shape=None,
+    name: str = "layer_norm",
 ) -> Tensor:
     r"""Layer normalization (Ba et al. 2016) over all of ``C x *`` for each sample.
 
@@ -266,10 +297,29 @@ def layer_norm(
     with :math:`\mu_n, \sigma_n^2` over every element of sample n, and a per-channel
     affine. On ``(N, C)`` input this is ``torch.nn.functional.layer_norm(x, (C,))``.
 
+    With ``normalized_shape`` (keyword only) it is torch's layer norm instead: ``x`` of
+    shape ``(*, *normalized_shape)`` is normalized over its last
+    ``len(normalized_shape)`` dimensions, and ``weight`` and ``bias`` have shape
+    ``normalized_shape`` (elementwise), as ``torch.nn.functional.layer_norm(x,
+    normalized_shape, weight, bias, eps)``: the sequence layout ``(N, L, C)`` of
+    transformers. A torch-style call, with ``normalized_shape`` second, raises a
+    TypeError that shows both spellings. ``name`` names the caller in errors.
+
     ``path="auto"`` (default) computes it as :func:`group_norm` with one group (torch's
     native CPU group norm, the same math, with the per-channel affine built in) when
-    there is no ``mask``; ``path="reference"`` uses :mod:`normlab.stats`.
+    there is no ``mask``, and with ``normalized_shape`` as torch's native layer norm;
+    ``path="reference"`` uses :mod:`normlab.stats`.
+
+    Raises:
+        ValueError: input of fewer than 2 dimensions (channel-first) or whose last
+            dimensions are not ``normalized_shape``; ``eps < 0``.
     """
+    if normalized_shape is not None:
+        return _layer_norm_last(x, normalized_shape, weight, bias, eps, mask, path, name)
+    if weight is not None and not isinstance(weight, Tensor):
+        raise _torch_style_call("layer_norm", weight, "weight, bias, eps")
+    check_batch_first(x, name)
+    check_eps(eps, name)
     if path == "auto" and (y := fastpath.layer_norm(x, weight, bias, eps, mask)) is not None:
         return y
     check_path(path, "layer_norm")
@@ -278,6 +328,20 @@ def layer_norm(
     w = None if weight is None else weight.view(shape)  # gamma_c
     b = None if bias is None else bias.view(shape)  # beta_c
     return normalize(x, mean, var, eps, w, b)
+
+
+def _layer_norm_last(x, normalized_shape, weight, bias, eps, mask, path, name) -> Tensor:
+    """torch.nn.functional.layer_norm's semantics (see :func:`layer_norm`)."""
+    shape = as_normalized_shape(normalized_shape, name)
+    check_last_dims(x, shape, name, weight, bias)
+    check_eps(eps, name)
+    check_path(path, name)
+    if path == "auto" and (y := fastpath.layer_norm_last(x, shape, weight, bias, eps,
+                                                         mask)) is not None:
+        return y
+    # mu, sigma^2 over the last len(normalized_shape) dimensions; elementwise affine
+    mean, var, _ = stats.moments(x, tuple(range(x.dim() - len(shape), x.dim())), mask=mask)
+    return normalize(x, mean, var, eps, weight, bias)
 
 
 def channel_layer_norm(
@@ -302,6 +366,7 @@ def channel_layer_norm(
     ``path="reference"`` uses :mod:`normlab.stats`.
     """
     check_path(path, "channel_layer_norm")
+    check_batch_first(x, "channel_layer_norm")
     if path == "auto" and (y := fastpath.channel_layer_norm(x, weight, bias, eps)) is not None:
         return y
     shape = channel_shape(x)
@@ -316,6 +381,9 @@ def rms_norm(
     weight: Tensor | None = None,
     eps: float | None = None,
     mask: Tensor | None = None,
+    *,
+    normalized_shape=None,
+    name: str = "rms_norm",
 ) -> Tensor:
     r"""Root-mean-square normalization (Zhang & Sennrich 2019) over ``C x *`` per sample.
 
@@ -324,7 +392,31 @@ def rms_norm(
 
     ``eps=None`` uses ``torch.finfo(x.dtype).eps``, as torch.nn.RMSNorm does. On
     ``(N, C)`` input this equals ``torch.nn.functional.rms_norm(x, (C,))``.
+
+    With ``normalized_shape`` (keyword only), the mean square is over the last
+    ``len(normalized_shape)`` dimensions of ``(*, *normalized_shape)`` input with an
+    elementwise ``weight`` of shape ``normalized_shape``: exactly
+    ``torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)`` (computed by it
+    when there is no ``mask``). A torch-style call, with ``normalized_shape`` second,
+    raises a TypeError that shows both spellings. ``name`` names the caller in errors.
+
+    Raises:
+        ValueError: input of fewer than 2 dimensions (channel-first) or whose last
+            dimensions are not ``normalized_shape``; ``eps < 0``.
     """
+    if normalized_shape is not None:
+        shape = as_normalized_shape(normalized_shape, name)
+        check_last_dims(x, shape, name, weight)
+        check_eps(eps, name)
+        if (y := fastpath.rms_norm_last(x, shape, weight, eps, mask)) is not None:
+            return y
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        ms = stats.mean_square(x, tuple(range(x.dim() - len(shape), x.dim())), mask=mask)
+        return normalize(x, torch.zeros_like(ms), ms, eps, weight, None)
+    if weight is not None and not isinstance(weight, Tensor):
+        raise _torch_style_call("rms_norm", weight, "weight, eps")
+    check_batch_first(x, name)
+    check_eps(eps, name)
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     ms = stats.mean_square(x, tuple(range(1, x.dim())), mask=mask)
@@ -359,7 +451,13 @@ def instance_norm(
     as ``(1, N*C, *)`` made contiguous (what torch.nn.InstanceNorm does, two passes
     with double accumulation), with the running statistics updated by
     :func:`update_running_`; ``path="reference"`` uses :mod:`normlab.stats`.
+
+    Raises:
+        ValueError: input of fewer than 2 dimensions, ``eps < 0``, or one element per
+            instance where instance statistics are used.
     """
+    check_batch_first(x, name)
+    check_eps(eps, name)
     if path == "auto":
         y = fastpath.instance_norm(x, running_mean, running_var, weight, bias,
                                    use_input_stats, momentum, eps, name)
@@ -401,7 +499,8 @@ def group_norm(
         \gamma_c + \beta_c
 
     ``num_groups = 1`` is layer norm over ``C x *``; ``num_groups = C`` is instance
-    norm. ``C`` must be divisible by ``num_groups``.
+    norm. ``C`` must be divisible by ``num_groups`` (ValueError otherwise, as for
+    input of fewer than 2 dimensions or ``eps < 0``).
 
     ``path="auto"`` (default) uses torch's native CPU group norm (vectorised Welford)
     when there is no ``mask`` and groups have more than one element. Its channels_last
@@ -410,6 +509,13 @@ def group_norm(
     below 1e-4, and otherwise recomputed on the input shifted by its first value in each
     (sample, group). ``path="reference"`` uses :mod:`normlab.stats`.
     """
+    check_batch_first(x, "group_norm")
+    check_eps(eps, "group_norm")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 \
+            or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm: num_groups must be a positive int that divides the "
+                         f"{x.shape[1]} channels of input of shape {tuple(x.shape)}, got "
+                         f"{num_groups!r}")
     if path == "auto":
         y = fastpath.group_norm(x, num_groups, weight, bias, eps, mask)
         if y is not None:

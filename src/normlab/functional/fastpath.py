@@ -432,6 +432,24 @@ def layer_norm(
     return group_norm(x, 1, weight, bias, eps, None)
 
 
+def layer_norm_last(x: Tensor, shape: tuple[int, ...], weight: Tensor | None,
+                    bias: Tensor | None, eps: float, mask: Tensor | None) -> Tensor | None:
+    """:func:`normlab.functional.layer_norm` over the last dimensions (``normalized_shape``)
+    by torch's own layer norm, the same function, or None."""
+    if mask is not None or not _native_ok(x, weight, bias):
+        return None
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def rms_norm_last(x: Tensor, shape: tuple[int, ...], weight: Tensor | None,
+                  eps: float | None, mask: Tensor | None) -> Tensor | None:
+    """:func:`normlab.functional.rms_norm` over the last dimensions by torch's own RMS
+    norm, or None."""
+    if mask is not None or not _native_ok(x, weight):
+        return None
+    return F.rms_norm(x, shape, weight, eps)
+
+
 def channel_layer_norm(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:

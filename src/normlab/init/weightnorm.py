@@ -81,7 +81,8 @@ def _call(model: nn.Module, batch):
     return model(batch)
 
 
-def _init_from_output(module: nn.Module, label: str, output, eps: float) -> Tensor:
+def _init_from_output(module: nn.Module, label: str, output, eps: float,
+                      init_scale: float = 1.0) -> Tensor:
     """Set ``g`` and the bias of ``module`` from its ``output`` on the init batch (see
     :func:`data_dependent_init_`) and return that output normalized."""
     if not isinstance(output, Tensor):
@@ -111,7 +112,8 @@ def _init_from_output(module: nn.Module, label: str, output, eps: float) -> Tens
             f"with variance <= {eps:g} on the init batch; only their mean was set",
             stacklevel=3,
         )
-    sigma = torch.where(dead, torch.ones_like(var), var.sqrt())
+    # The divisor sigma / s; 1 for dead units, whose g is kept.
+    sigma = torch.where(dead, torch.ones_like(var), var.sqrt() / init_scale)
     g, _ = _g_v(module)
     g.mul_((1.0 / sigma).to(g.dtype).view(g.shape))
     shape = [1] * output.dim()
@@ -124,11 +126,15 @@ def _init_from_output(module: nn.Module, label: str, output, eps: float) -> Tens
     return centred / sigma.to(output.dtype).view(shape)
 
 
-def data_dependent_init_(
-    model: nn.Module,
-    batch,
-    eps: float = 1e-12,
-) -> nn.Module:
+def _check_init_scale(init_scale) -> None:
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) \
+            or not 0 < init_scale < float("inf"):
+        raise ValueError(f"data_dependent_init_: init_scale must be a positive number, got "
+                         f"{init_scale!r}")
+
+
+def data_dependent_init_(model: nn.Module, batch, eps: float = 1e-12,
+                         init_scale: float = 1.0) -> nn.Module:
     r"""Data-dependent initialization of weight normalization (Salimans & Kingma 2016).
 
     For every weight-normalized layer, in the order the forward pass reaches them,
@@ -137,12 +143,13 @@ def data_dependent_init_(
     (biased) standard deviation over the batch and all positions (spatial, time):
 
     .. math::
-        g \leftarrow g / \sigma, \qquad b \leftarrow (b - \mu) / \sigma
+        g \leftarrow g\, s / \sigma, \qquad b \leftarrow (b - \mu)\, s / \sigma
 
-    so the unit's pre-activation becomes :math:`(y - \mu)/\sigma`: mean 0, std 1. With
-    the paper's starting point ``g = 1, b = 0`` this is its rule ``g = 1/sigma,
-    b = -mu/sigma``; the general form is exact from any starting ``g, b``. ``v`` is
-    not re-drawn (the paper uses ``v ~ N(0, 0.05^2)``; only its direction matters).
+    (:math:`s` = ``init_scale``): the pre-activation gets mean 0, std :math:`s`. From
+    ``g = 1, b = 0`` this is the paper's rule, with the official code's ``init_scale``;
+    it is exact from any ``g, b``. ``v`` is not re-drawn (only its direction matters).
+    The official code divides by :math:`\sqrt{\sigma^2 + 10^{-10}}`: a relative
+    difference of :math:`5 \cdot 10^{-11} / \sigma^2`.
 
     How: one forward pass of ``model`` on ``batch`` under ``torch.no_grad()``, with a
     forward hook on every weight-normalized layer. The hook, on the layer's first
@@ -152,14 +159,11 @@ def data_dependent_init_(
     (weight sharing) is not re-initialized; a layer not called at all is left
     unchanged with a warning. The model runs in its current mode (call ``.eval()``
     first to keep dropout out of the statistics; BatchNorm layers in training mode
-    update their running statistics).
+    update their running statistics). Layers without bias: only the scale is set; the
+    mean is **not** corrected, since there is no bias to absorb it.
 
-    Layers without bias: only the scale is set (std 1); the mean is **not**
-    corrected, since there is no bias to absorb it.
-
-    Units with variance ``<= eps`` (dead units, e.g. a constant input) only get their
-    mean corrected; ``g`` is kept and a warning names the layer, instead of dividing
-    by zero (the NaN weights of openai/weightnorm issue 4).
+    Units with variance ``<= eps`` (dead units) only get their mean corrected; ``g``
+    is kept and a warning names the layer (the NaN weights of openai/weightnorm #4).
 
     Args:
         model: a model containing layers weight-normalized by
@@ -168,6 +172,8 @@ def data_dependent_init_(
         batch: the init batch: a tensor (``model(batch)``), a tuple/list of
             positional arguments or a dict of keyword arguments.
         eps: variance threshold for dead units.
+        init_scale: :math:`s` > 0, the std of every initialized pre-activation.
+            Default: 1.0 (the official code's default).
 
     Returns:
         ``model``, changed in place.
@@ -175,8 +181,9 @@ def data_dependent_init_(
     Raises:
         TypeError: ``model`` is not a module, or a layer's output is not a tensor.
         ValueError: no weight-normalized layer, a layer normalized over another dim than
-            its output units, or non-finite statistics (the layer is named).
+            its output units, non-finite statistics (the layer is named), bad init_scale.
     """
+    _check_init_scale(init_scale)
     layers = _wn_layers(model, "data_dependent_init_")
     done: set[int] = set()
 
@@ -185,7 +192,7 @@ def data_dependent_init_(
             if id(module) in done:
                 return None
             done.add(id(module))
-            return _init_from_output(module, label, output, eps)
+            return _init_from_output(module, label, output, eps, init_scale)
 
         return hook
 

@@ -37,8 +37,9 @@ def _he_std(conv: nn.Conv2d) -> float:
 
 
 class FixupBasicBlock(nn.Module):
-    r"""A Fixup basic block, :math:`y = \mathrm{relu}(B(x) + S(x + a_1))` with the
-    branch
+    r"""A Fixup basic block, :math:`y = \mathrm{relu}(B(x) + x)` when stride and width
+    are unchanged, :math:`y = \mathrm{relu}(B(x) + S(x + a_1))` when the block
+    downsamples, with the branch
 
     .. math::
         B(x) = \big(W_2 * (\mathrm{relu}(W_1 * (x + a_1) + a_2) + a_3)\big)\,s + a_4
@@ -51,9 +52,12 @@ class FixupBasicBlock(nn.Module):
         0 & C_{in} \le c < C_{out} \end{cases}
 
     (stride-:math:`\sigma` subsampling, then zero channels appended), the CIFAR
-    shortcut ("option A") of the Fixup paper. With ``conv2`` zero-initialised,
-    :math:`B(x) = 0` and the block maps a non-negative (post-ReLU) input to
-    :math:`S(x)`, which is :math:`x` when stride and width are unchanged.
+    shortcut ("option A") of the Fixup paper. As in the official code
+    (``FixupBasicBlock``: ``identity = x``, and ``identity = downsample(x + bias1a)``
+    only when there is a downsample), the scalar bias :math:`a_1` enters an identity
+    shortcut nowhere but the branch. With ``conv2`` zero-initialised, :math:`B(x) = 0`
+    and the block maps a non-negative (post-ReLU) input to :math:`S(x)`, which is
+    :math:`x` when stride and width are unchanged.
 
     Args:
         in_planes: input channels.
@@ -98,8 +102,15 @@ class FixupBasicBlock(nn.Module):
         out = self.conv2(out + self.bias2a)
         return out * self.scale + self.bias2b
 
+    @property
+    def downsamples(self) -> bool:
+        """True when the shortcut subsamples or adds channels (the official code's
+        ``downsample`` is not None)."""
+        return self.stride > 1 or self.planes != self.in_planes
+
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.branch(x) + self.shortcut(x + self.bias1a))
+        identity = self.shortcut(x + self.bias1a) if self.downsamples else x
+        return torch.relu(self.branch(x) + identity)
 
     def reset_parameters(self, num_branches: int) -> None:
         """Fixup init for a network of ``num_branches`` residual branches."""

@@ -18,7 +18,7 @@ from normlab.nn.per_sample import (
 )
 from normlab.nn.recurrent import BNLSTM, LNLSTM, InputBNLSTM
 from normlab.nn.selu import SELU, AlphaDropout
-from normlab.nn.sync import SyncBatchNorm, to_sync_batchnorm
+from normlab.nn.sync import SyncBatchNorm, SyncBatchNormAct, to_sync_batchnorm
 from normlab.nn.weight import WeightNorm, remove_weight_norm, weight_norm
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "to_sync_batchnorm",
     "PAPER_RENORM_WARMUP",
     "LayerNorm",

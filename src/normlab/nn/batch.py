@@ -62,6 +62,8 @@ class BatchNorm(NormBase):
             it needs ``activation`` None or ``"leaky_relu"`` and non-zero weights. When
             the next layer keeps the output anyway (a convolution does), the pair keeps
             one tensor instead of two. Default: False.
+        bias: learn :math:`\beta` when ``affine`` (keyword only, as in torch.nn).
+            Default: True.
 
     The default path uses torch's native kernel where it is as robust as
     :mod:`normlab.stats` (see :func:`normlab.functional.batch_norm`): in eval, in
@@ -102,9 +104,11 @@ class BatchNorm(NormBase):
         negative_slope: float = 0.01,
         fused: bool = False,
         save_memory: bool = False,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_channels, eps, momentum, affine, track_running_stats, bias, device, dtype
         )
         if activation not in (None, "relu", "leaky_relu"):
             raise ValueError(f"{self.layer_name}: activation must be None, 'relu' or "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab import functional as NF
+from normlab.nn import _layout
 from normlab.nn.base import NormBase
 
 __all__ = [
@@ -32,36 +33,78 @@ class LayerNorm(NormBase):
     ``(N, C)`` input it equals ``torch.nn.LayerNorm(C)`` (same state_dict keys).
     For the channels-only variant of ConvNeXt, see :class:`ChannelLayerNorm`.
 
+    **Layouts.** ``layout="last"`` is torch.nn.LayerNorm exactly (arguments, results,
+    state_dict): input ``(*, *normalized_shape)`` normalized over its last
+    ``len(normalized_shape)`` dimensions with an elementwise affine of shape
+    ``normalized_shape``, the sequence layout ``(N, L, C)`` of transformers.
+    ``layout="channels_first"`` is the normalization over ``C x *`` above. A list or
+    tuple first argument (torch's spelling, ``LayerNorm([768])``) means ``"last"``.
+    With an int and ``layout=None`` (the default) each call takes the layout its input
+    fits: ``(N, C, *)`` with C in dimension 1 only is channel-first (torch would refuse
+    it), ``(N, *, C)`` with C last only is ``"last"``, ``(N, C)`` is the same either
+    way; an input of rank 3 or more with C both in dimension 1 and last (``(N, C, C)``)
+    raises a ValueError showing both spellings, since the two normalize differently.
+    (So no call computes something other than the torch.nn.LayerNorm call it looks
+    like: it computes the same, or torch would have refused it, or it raises.)
+
     Args:
-        num_channels: C.
+        num_channels: C (an int), or torch's ``normalized_shape`` (an int or a
+            sequence of ints; a sequence means ``layout="last"``).
         eps: Default: 1e-5.
-        affine: per-channel :math:`\gamma` (init 1) and :math:`\beta` (init 0).
-            Default: True.
+        affine: learnable :math:`\gamma` (init 1) and :math:`\beta` (init 0), per
+            channel (``"channels_first"``) or of shape ``normalized_shape``
+            (``"last"``). Default: True. ``elementwise_affine`` (keyword, torch's
+            name) is accepted for it.
         bias: learn :math:`\beta` when affine. Default: True.
         fused: run forward and backward in the fused C++ group norm kernels of
             :mod:`normlab.kernels` with one group (compiled at first use, about 10 s;
             see :class:`GroupNorm`). About as fast as the default path, which is torch's
             group norm with one group (faster only on large channels_last input).
-            Default: False.
+            Channel-first calls only. Default: False.
+        layout: ``"channels_first"``, ``"last"`` or None (decided per call, see
+            above). Default: None.
 
     Computed by torch's native CPU group norm with one group (the same math, as
     robust as :mod:`normlab.stats`; see :class:`GroupNorm` for channels_last) when there
     is no mask; with a mask, by the composite over :mod:`normlab.stats` (see
     :func:`normlab.functional.layer_norm`, ``path``). With ``fused=True``, by the
     kernels of :mod:`normlab.kernels.group` where they apply (as for
-    :class:`GroupNorm`), otherwise as without it.
+    :class:`GroupNorm`), otherwise as without it. ``"last"``: torch's native layer
+    norm (the composite over :mod:`normlab.stats` with a mask).
 
     Shape:
-        - Input: :math:`(N, C, *)`; output of the same shape. An optional bool
-          ``mask`` (broadcastable, True = valid) keeps padding out of the statistics.
+        - Input: :math:`(N, C, *)` (``"channels_first"``) or
+          :math:`(*, \text{normalized\_shape})` (``"last"``); output of the same
+          shape. An optional bool ``mask`` (broadcastable, True = valid) keeps padding
+          out of the statistics.
+
+    Example::
+
+        >>> ln = normlab.nn.LayerNorm(768, layout="last")   # = torch.nn.LayerNorm(768)
+        >>> y = ln(torch.randn(8, 197, 768))
+        >>> cnn_ln = normlab.nn.LayerNorm(64, layout="channels_first")
+        >>> y = cnn_ln(torch.randn(8, 64, 32, 32))
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 bias: bool = True, device=None, dtype=None, fused: bool = False) -> None:
-        super().__init__(num_channels, eps, None, affine, False, bias, device, dtype)
+    def __init__(self, num_channels, eps: float = 1e-5, affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, fused: bool = False, *,
+                 layout: str | None = None, elementwise_affine: bool | None = None) -> None:
+        shape, layout, affine, count = _layout.setup(
+            self, num_channels, layout, affine, elementwise_affine, "LayerNorm")
+        super().__init__(count, eps, None, affine, False, bias, device, dtype)
+        self.normalized_shape = shape
+        self.layout = layout
         self.fused = bool(fused)
+        _layout.shape_affine(self, shape, device, dtype)
+
+    @property
+    def layer_name(self) -> str:
+        return _layout.layer_name(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if _layout.resolve(self, x) == "last":
+            return NF.layer_norm(x, self.weight, self.bias, self.eps, mask=mask,
+                                normalized_shape=self.normalized_shape, name=self.layer_name)
         self._check_input(x)
         if self.fused and mask is None:
             from normlab.kernels import group as kernel  # compiled lazily, only when asked
@@ -72,7 +115,7 @@ class LayerNorm(NormBase):
         return NF.layer_norm(x, self.weight, self.bias, self.eps, mask=mask)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", fused=True" if self.fused else "")
+        return _layout.extra_repr(self, self.eps) + (", fused=True" if self.fused else "")
 
 
 class ChannelLayerNorm(NormBase):
@@ -121,22 +164,48 @@ class RMSNorm(NormBase):
     The mean square is over ``C x *`` of each sample (as :class:`LayerNorm`), with no
     centring and no shift. On ``(N, C)`` input it equals ``torch.nn.RMSNorm(C)``.
 
+    Layouts as :class:`LayerNorm`: ``layout="last"`` (or a list or tuple first
+    argument) is torch.nn.RMSNorm exactly, over the last ``len(normalized_shape)``
+    dimensions with an elementwise :math:`\gamma` of shape ``normalized_shape``;
+    ``layout="channels_first"`` is the above; ``None`` decides per call and raises,
+    showing both spellings, on input that fits both (``(N, C, C)``).
+
     Args:
-        num_channels: C.
+        num_channels: C, or torch's ``normalized_shape`` (a sequence means
+            ``layout="last"``).
         eps: None (the default) uses ``torch.finfo(x.dtype).eps``, as torch.nn.RMSNorm.
-        affine: per-channel :math:`\gamma`, init 1. Default: True.
+        affine: learnable :math:`\gamma`, init 1. Default: True.
+            ``elementwise_affine`` (keyword, torch's name) is accepted for it.
+        layout: ``"channels_first"``, ``"last"`` or None. Default: None.
 
     Shape:
-        - Input: :math:`(N, C, *)`; output of the same shape.
+        - Input: :math:`(N, C, *)` or :math:`(*, \text{normalized\_shape})`; output
+          of the same shape.
     """
 
-    def __init__(self, num_channels: int, eps: float | None = None, affine: bool = True,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_channels, eps, None, affine, False, False, device, dtype)
+    def __init__(self, num_channels, eps: float | None = None, affine: bool = True,
+                 device=None, dtype=None, *, layout: str | None = None,
+                 elementwise_affine: bool | None = None) -> None:
+        shape, layout, affine, count = _layout.setup(
+            self, num_channels, layout, affine, elementwise_affine, "RMSNorm")
+        super().__init__(count, eps, None, affine, False, False, device, dtype)
+        self.normalized_shape = shape
+        self.layout = layout
+        _layout.shape_affine(self, shape, device, dtype)
+
+    @property
+    def layer_name(self) -> str:
+        return _layout.layer_name(self)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if _layout.resolve(self, x) == "last":
+            return NF.rms_norm(x, self.weight, self.eps, mask=mask,
+                              normalized_shape=self.normalized_shape, name=self.layer_name)
         self._check_input(x)
         return NF.rms_norm(x, self.weight, self.eps, mask=mask)
+
+    def extra_repr(self) -> str:
+        return _layout.extra_repr(self, self.eps)
 
 
 class InstanceNorm(NormBase):
@@ -150,14 +219,21 @@ class InstanceNorm(NormBase):
     channel. Matches torch.nn.InstanceNorm1d/2d/3d, defaults included: no affine and
     no running statistics. With ``track_running_stats=True`` the batch average of the
     instance statistics is kept (unbiased variance, weight ``momentum``) and used in
-    eval; NaN statistics are not written to it (a RuntimeWarning says so).
+    eval; NaN statistics are not written to it (a RuntimeWarning says so). As in
+    torch.nn, ``num_batches_tracked`` exists (for state_dict compatibility) but never
+    counts, and ``momentum=None`` leaves the running statistics unchanged in training
+    (torch.nn passes momentum 0 to its kernel then): unlike :class:`BatchNorm`, there
+    is no cumulative average, so checkpoints and eval outputs equal torch's.
 
     Args:
         num_channels: C.
         eps: Default: 1e-5.
-        momentum: Default: 0.1; None for a cumulative average.
+        momentum: weight of the new batch in the running statistics. Default: 0.1;
+            None keeps the running statistics as they are (torch.nn's behaviour).
         affine: Default: False.
         track_running_stats: Default: False.
+        bias: learn :math:`\beta` when ``affine`` (keyword only, as in torch.nn).
+            Default: True.
 
     Computed by torch's native CPU batch norm on the input viewed as ``(1, N*C, *)``
     (what torch.nn.InstanceNorm does: two passes, double accumulation), with the
@@ -167,21 +243,25 @@ class InstanceNorm(NormBase):
         - Input: :math:`(N, C, L_1, \dots)` with at least one trailing dimension and
           more than one trailing element when instance statistics are used.
         - Output: same shape. (Unlike torch.nn, unbatched ``(C, L)`` input is not
-          accepted: normlab layers are always batch-first.)
+          accepted: normlab layers are always batch-first. One class serves every rank,
+          so it cannot tell an unbatched ``(C, H, W)`` from a batched ``(N, C, L)``: an
+          unbatched input is refused by the rank or channel check, except one whose
+          second dimension happens to equal C, which is read as batched.)
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = False, track_running_stats: bool = False,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_channels, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_channels, eps, momentum, affine, track_running_stats, bias,
+                         device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x, min_dim=3)
         use_input_stats = self.training or not self.track_running_stats
-        counting = self.training and self.track_running_stats
-        factor = self._momentum_factor() if counting else 0.0
-        y = NF.instance_norm(
+        # torch.nn.InstanceNorm's conventions: momentum None means 0 (no update) and the
+        # batch counter never moves, so that state_dicts stay interchangeable.
+        factor = 0.0 if self.momentum is None else self.momentum
+        return NF.instance_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -192,9 +272,6 @@ class InstanceNorm(NormBase):
             eps=self.eps,
             name=self.layer_name,
         )
-        if counting:
-            self._count_batch()
-        return y
 
 
 def choose_num_groups(num_channels: int, preferred: int = 32) -> int:
@@ -230,6 +307,8 @@ class GroupNorm(NormBase):
             :func:`choose_num_groups` picks one for any C.
         eps: Default: 1e-5.
         affine: per-channel :math:`\gamma` (1) and :math:`\beta` (0). Default: True.
+        bias: learn :math:`\beta` when ``affine`` (keyword only, as in torch.nn).
+            Default: True.
         fused: run forward and backward in the fused C++ kernels of
             :mod:`normlab.kernels` (compiled at first use, about 10 s) for CPU float32 or
             bfloat16 input that is contiguous or channels_last(_3d), with float32
@@ -256,7 +335,8 @@ class GroupNorm(NormBase):
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5,
-                 affine: bool = True, device=None, dtype=None, fused: bool = False) -> None:
+                 affine: bool = True, device=None, dtype=None, fused: bool = False, *,
+                 bias: bool = True) -> None:
         name = f"GroupNorm({num_channels})"
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"{name}: num_groups must be a positive int, got {num_groups!r}")
@@ -267,8 +347,11 @@ class GroupNorm(NormBase):
                 f"valid group counts are {divisors} "
                 f"(normlab.nn.choose_num_groups({num_channels}) = "
                 f"{choose_num_groups(num_channels)})"
+                + (f"; torch.nn.GroupNorm takes (num_groups, num_channels), normlab's the "
+                   f"channel count first: GroupNorm({num_groups}, num_groups={num_channels})"
+                   if num_groups % num_channels == 0 else "")
             )
-        super().__init__(num_channels, eps, None, affine, False, device=device, dtype=dtype)
+        super().__init__(num_channels, eps, None, affine, False, bias, device, dtype)
         self.num_groups = num_groups
         self.fused = bool(fused)
 

@@ -19,6 +19,7 @@ from normlab.nn.sync_stats import moments_fn_for, sync_batch_norm, sync_moments,
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "sync_batch_norm",
     "sync_moments",
     "moments_fn_for",
@@ -61,7 +62,7 @@ class SyncBatchNorm(BatchNorm):
 
     Args:
         num_channels: C, the size of dimension 1 of the input.
-        eps, momentum, affine, track_running_stats: as :class:`BatchNorm`.
+        eps, momentum, affine, track_running_stats, bias: as :class:`BatchNorm`.
         process_group: the group whose ranks share statistics; None (default) is
             the default (world) group.
 
@@ -87,9 +88,12 @@ class SyncBatchNorm(BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+            bias=bias,
         )
         self.process_group = process_group
 
@@ -109,6 +113,33 @@ class SyncBatchNorm(BatchNorm):
         return y
 
 
+class SyncBatchNormAct(SyncBatchNorm):
+    r""":class:`SyncBatchNorm` followed by a dropout module and an activation module:
+    ``act(drop(sync_batch_norm(x)))``, the forward of timm's ``BatchNormAct2d``, which
+    :func:`to_sync_batchnorm` converts into it (as timm's own
+    ``convert_sync_batchnorm`` makes a ``SyncBatchNormAct``), sharing the original's
+    parameters, buffers, ``drop`` and ``act``. The state_dict is the original's.
+
+    Args:
+        num_channels, eps, momentum, affine, track_running_stats, process_group,
+            device, dtype, bias: as :class:`SyncBatchNorm`.
+        drop: a module applied after the normalization; None is the identity.
+        act: a module applied last; None is the identity.
+
+    Shape:
+        - Input: :math:`(N, C, *)`; output of the same shape.
+    """
+
+    def __init__(self, num_channels: int, *args, drop: nn.Module | None = None,
+                 act: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(num_channels, *args, **kwargs)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.act(self.drop(super().forward(x, mask)))
+
+
 # ------------------------------------------------------------------------ conversion
 
 _TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -121,9 +152,19 @@ def _factory_of(m: nn.Module) -> dict:
     return {}
 
 
+def _is_timm_batchnorm_act(m: nn.Module) -> bool:
+    """timm's BatchNormAct2d or a subclass (checked by name: timm is not imported),
+    with its ``drop`` and ``act`` modules."""
+    return (any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm.")
+                for c in type(m).__mro__)
+            and isinstance(getattr(m, "drop", None), nn.Module)
+            and isinstance(getattr(m, "act", None), nn.Module))
+
+
 def _to_sync(m: nn.Module, process_group) -> SyncBatchNorm:
     num = m.num_channels if isinstance(m, BatchNorm) else m.num_features
-    new = SyncBatchNorm(
+    extra = {"drop": m.drop, "act": m.act} if _is_timm_batchnorm_act(m) else {}
+    new = (SyncBatchNormAct if extra else SyncBatchNorm)(
         num,
         eps=m.eps,
         momentum=m.momentum,
@@ -131,6 +172,7 @@ def _to_sync(m: nn.Module, process_group) -> SyncBatchNorm:
         track_running_stats=m.track_running_stats,
         process_group=process_group,
         **_factory_of(m),
+        **extra,
     )
     # The same Parameter and buffer objects: values, device, dtype and requires_grad
     # carry over, and an optimizer built before the conversion still updates them.
@@ -162,6 +204,9 @@ def to_sync_batchnorm(
       :class:`normlab.nn.AttentiveNorm`) stay what they are: their
       ``sync_batch_stats`` is set True and ``process_group`` set, so they keep their
       own behaviour with global statistics.
+    * timm's ``BatchNormAct2d`` (batch norm, then ``drop``, then ``act``) and its
+      subclasses become :class:`SyncBatchNormAct`, keeping their ``drop`` and ``act``
+      modules, as timm's own ``convert_sync_batchnorm`` does.
     * :class:`SyncBatchNorm` layers are left as they are.
     * Any *subclass* of torch's or normlab's batch norm that is none of the above
       (e.g. timm's ``BatchNormAct2d``, batch norm followed by an activation) is never
@@ -183,7 +228,7 @@ def to_sync_batchnorm(
 
 def _convert(m: nn.Module, process_group, on_subclass: str, path: str) -> nn.Module:
     where = path or "<root>"
-    if type(m) in _TORCH_BATCHNORMS or type(m) is BatchNorm:
+    if type(m) in _TORCH_BATCHNORMS or type(m) is BatchNorm or _is_timm_batchnorm_act(m):
         return _to_sync(m, process_group)
     if isinstance(m, SyncBatchNorm):
         return m
