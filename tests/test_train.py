@@ -290,3 +290,71 @@ def test_callable_optimizer_keeps_each_group_rate_ratio():
     for scheduled, (first, second) in seen:
         assert first == pytest.approx(scheduled, rel=1e-12)
         assert second == pytest.approx(scheduled / 10, rel=1e-12)
+
+
+def _manual_sgd(model, x, y, rates, batch_size, seed, loss_fn):
+    """Plain SGD written out (no momentum, no optimizer object): p -= rate * grad on the
+    same seeded batches as train(), one rate per step."""
+    batches = batch_indices(len(x), batch_size, seed)
+    for rate in rates:
+        idx = next(batches)
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]), y[idx]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= rate * p.grad
+    return model
+
+
+def test_scheduler_owns_the_rates_and_matches_plain_sgd_written_out():
+    x, y = _blobs()
+    model, ref = _mlp(norm="none"), _mlp(norm="none")
+    factor = [1.0, 0.5, 0.25, 2.0, 1.0, 0.1, 0.3, 1.5]
+
+    def sched(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor[min(s, 7)])
+
+    r = train(model, x, y, steps=8, batch_size=8, lr=0.05, momentum=0.0, seed=4,
+              scheduler=sched, progress=False)
+    rates = [0.05 * f for f in factor]
+    assert r.curve["lr"] == pytest.approx(rates, rel=1e-12)
+    _manual_sgd(ref, x, y, rates, 8, 4, nn.functional.cross_entropy)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_scheduler_conflicting_with_a_schedule_is_refused_before_anything_changes():
+    x, y = _blobs()
+    model = _mlp(norm="none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def sched(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    for kwargs in ({"schedule": "cosine"}, {"warmup_steps": 3}):
+        with pytest.raises(ValueError, match="scheduler owns the learning rates"):
+            train(model, x, y, steps=5, batch_size=8, scheduler=sched, progress=False,
+                  **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_regression_without_accuracy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    w = torch.randn(6, 1, generator=g)
+    y = x @ w
+    torch.manual_seed(0)
+    model = models.mlp((6,), 1, norm="none", width=16, depth=1)
+    mse = nn.functional.mse_loss
+    r = train(model, x[:160], y[:160], x[160:], y[160:], steps=150, batch_size=16, lr=0.02,
+              loss_fn=mse, accuracy=False, eval_every=50, progress=True)
+    assert r.final_test_acc is None and r.best_test_acc is None
+    assert all(a is None for a in r.curve["acc"]) and all(a is None for a in r.evals["test_acc"])
+    with torch.no_grad():
+        direct = float(mse(model(x[160:]), y[160:]))
+    assert r.final_test_loss == pytest.approx(direct, rel=1e-5)
+    assert r.final_test_loss < 0.2 * float(y[160:].var())  # it learned the linear map
+    json.dumps(r.to_dict(), allow_nan=False)
+    loss, acc = evaluate(model, x[160:], y[160:], loss_fn=mse, accuracy=False)
+    assert acc is None and loss == pytest.approx(direct, rel=1e-5)

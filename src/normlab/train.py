@@ -153,10 +153,12 @@ def lr_at(step: int, steps: int, lr: float, schedule: str = "constant",
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256,
              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-             device: str | torch.device | None = None) -> tuple[float, float]:
+             device: str | torch.device | None = None, accuracy: bool = True
+             ) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``model`` in eval mode on ``(x, y)``, in batches of
     ``batch_size``; the model's training mode is restored. A sample whose logits are
-    not all finite counts as wrong (and makes the loss non-finite)."""
+    not all finite counts as wrong (and makes the loss non-finite). ``accuracy=False``
+    (a regression model, whose outputs are no logits) gives ``(mean loss, None)``."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     was_training = model.training
     model.eval()
@@ -168,11 +170,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256,
                 xb, yb = xb.to(device), yb.to(device)
             out = model(xb)
             total_loss += float(loss_fn(out, yb)) * xb.shape[0]
-            ok = (out.argmax(1) == yb) & torch.isfinite(out).all(1)
-            correct += int(ok.sum())
+            if accuracy:
+                ok = (out.argmax(1) == yb) & torch.isfinite(out).all(1)
+                correct += int(ok.sum())
     finally:
         model.train(was_training)
-    return total_loss / max(n, 1), correct / max(n, 1)
+    return total_loss / max(n, 1), (correct / max(n, 1) if accuracy else None)
 
 
 def _make_optimizer(optimizer, params, lr, momentum, weight_decay, nesterov):
@@ -231,11 +234,11 @@ class _Progress:
                                       speed="")
         self.bar.start()
 
-    def update(self, step: int, loss: float, acc: float, speed: float,
+    def update(self, step: int, loss: float, acc: float | None, speed: float,
                test: float | None = None) -> None:
         if self.bar is None:
             return
-        fields = {"loss": f"{loss:.4f}", "acc": f"{acc:.3f}",
+        fields = {"loss": f"{loss:.4f}", "acc": "-" if acc is None else f"{acc:.3f}",
                   "speed": f"{speed:.1f} it/s {speed * self.batch:.0f} samples/s"}
         if test is not None:
             fields["test"] = f"{test:.4f}"
@@ -261,6 +264,10 @@ def _agree_on_divergence(reason: str | None, device: torch.device) -> str | None
     if reason is None and float(flag) > 0:
         return "non-finite or too large loss on another rank"
     return reason
+
+
+def _batch_accuracy(out: Tensor, y: Tensor) -> float:
+    return float((out.detach().argmax(1) == y).float().mean())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -296,6 +303,8 @@ def train(
     world_size: int = 1,
     callbacks: Sequence[Callable[[int, nn.Module, dict], object]] = (),
     config: dict | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+    accuracy: bool = True,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on mini-batches of ``(x_train,
     y_train)`` and evaluate it on ``(x_test, y_test)``.
@@ -327,6 +336,13 @@ def train(
             ``info = {"loss": float, "lr": float}`` (``step`` counts from 1); a callback
             returning ``True`` stops the run early (not marked diverged).
         config: extra entries stored in ``result.config`` (e.g. the model's name).
+        scheduler: ``scheduler(optimizer)`` returning a torch learning-rate scheduler
+            (anything with ``step()``), stepped after every optimizer step; it then owns
+            the rates (``schedule`` must stay ``"constant"`` and ``warmup_steps`` 0), and
+            the curve's ``lr`` is the first group's rate each step used.
+        accuracy: False for a regression model (outputs are no class logits, e.g. with
+            ``loss_fn=mse_loss``): no training or test accuracy is computed (None in the
+            curve and the result); losses and divergence work as for classification.
 
     Returns:
         A :class:`TrainResult`.
@@ -345,6 +361,10 @@ def train(
         raise ValueError(f"train: steps must be >= 0, got {steps}")
     if log_every < 1:
         raise ValueError(f"train: log_every must be >= 1, got {log_every}")
+    if scheduler is not None and (schedule != "constant" or warmup_steps):
+        raise ValueError(f"train: a scheduler owns the learning rates; schedule must be "
+                         f"'constant' and warmup_steps 0 with it, got schedule={schedule!r}, "
+                         f"warmup_steps={warmup_steps}")
     loss_fn = loss_fn or nn.functional.cross_entropy
     eval_every = eval_every or max(steps // 10, 1)
     device = torch.device(device)
@@ -359,12 +379,15 @@ def train(
     opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay, nesterov)
     # Each group's rate relative to `lr`: the schedule scales them all alike.
     lr_ratios = [group["lr"] / lr if lr else 1.0 for group in opt.param_groups]
+    sched = scheduler(opt) if scheduler is not None else None
     result = TrainResult(steps=steps, num_params=sum(p.numel() for p in params))
     result.config = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "momentum": momentum,
         "weight_decay": weight_decay, "nesterov": nesterov,
         "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
-        "schedule": schedule, "warmup_steps": warmup_steps, "clip_grad_norm": clip_grad_norm,
+        "schedule": schedule if sched is None else type(sched).__name__,
+        "warmup_steps": warmup_steps,
+        "clip_grad_norm": clip_grad_norm,
         "seed": seed, "eval_every": eval_every, "log_every": log_every,
         "device": str(device), "world_size": world_size, "num_train": int(len(x_train)),
         "num_test": int(len(x_test)) if x_test is not None else 0, **(config or {}),
@@ -376,7 +399,8 @@ def train(
     devices = [device.index or 0] if device.type == "cuda" else []  # CPU RNG is always forked
 
     def run_eval(step: int) -> None:
-        loss, acc = evaluate(model, x_test, y_test, eval_batch_size, loss_fn)
+        loss, acc = evaluate(model, x_test, y_test, eval_batch_size, loss_fn,
+                             accuracy=accuracy)
         result.evals["step"].append(step)
         result.evals["test_acc"].append(acc)
         result.evals["test_loss"].append(loss)
@@ -399,10 +423,14 @@ def train(
                     reason = f"loss {loss_value:.4g} > divergence_loss {divergence_loss}"
                 if world_size > 1:
                     reason = _agree_on_divergence(reason, device)
-                lr_now = lr_at(step, steps, lr, schedule, warmup_steps)
+                if sched is not None:
+                    lr_now = float(opt.param_groups[0]["lr"])
+                else:
+                    lr_now = lr_at(step, steps, lr, schedule, warmup_steps)
                 if reason is None:
-                    for group, ratio in zip(opt.param_groups, lr_ratios, strict=True):
-                        group["lr"] = lr_now * ratio
+                    if sched is None:
+                        for group, ratio in zip(opt.param_groups, lr_ratios, strict=True):
+                            group["lr"] = lr_now * ratio
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if clip_grad_norm is not None:
@@ -411,8 +439,10 @@ def train(
                             reason = f"non-finite gradient norm ({float(norm)})"
                 if reason is None:
                     opt.step()
+                    if sched is not None:
+                        sched.step()
                 train_time += time.perf_counter() - t0
-                acc = float((out.detach().argmax(1) == yb).float().mean())
+                acc = _batch_accuracy(out, yb) if accuracy else None
                 if reason is None:
                     result.steps_done = step + 1
                 if (step + 1) % log_every == 0 or reason is not None or step + 1 == steps:
@@ -425,7 +455,8 @@ def train(
                     result.diverged_reason = reason
                     break
                 ema_loss = loss_value if ema_loss is None else 0.9 * ema_loss + 0.1 * loss_value
-                ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
+                if acc is not None:
+                    ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
                 test = None
                 if x_test is not None and (step + 1) % eval_every == 0 and step + 1 < steps:
                     run_eval(step + 1)
@@ -441,8 +472,8 @@ def train(
                 run_eval(result.steps_done)
                 result.final_test_loss = result.evals["test_loss"][-1]
                 result.final_test_acc = result.evals["test_acc"][-1]
-                result.best_test_acc = max(result.evals["test_acc"])
-                bar.update(result.steps_done, ema_loss or float("nan"), ema_acc or 0.0,
+                result.best_test_acc = max(result.evals["test_acc"]) if accuracy else None
+                bar.update(result.steps_done, ema_loss or float("nan"), ema_acc,
                            result.steps_done / max(train_time, 1e-9), result.final_test_acc)
     finally:
         bar.close("diverged" if result.diverged else "")
