@@ -1,0 +1,188 @@
+"""The arms of claims 14 to 17 that :func:`normlab.claims.design.train_run` cannot build
+or train, and their one run function, :func:`arm_run`.
+
+``train_run`` builds a :func:`normlab.models.build` model and passes JSON
+``train_kwargs`` to :func:`normlab.train.train`; these arms need a builder of their
+own (a SELU network, weight-normalized MLPs with or without Arpit et al.'s init,
+Fixup's ResNet) or Python objects in the loop (Fixup's two optimiser groups, an ENorm
+cycle after every step, Arpit et al.'s warm-up scheduler). :func:`arm_run` names the
+arm by a string and builds those objects itself, so a run stays a module-level
+function of JSON arguments (content-keyed by :meth:`RunContext.map`), trained by the
+one loop, :func:`normlab.train.train`, on the seed's split of
+:func:`normlab.claims.design.split`, with the same initial-weight seeding
+(``torch.manual_seed(seed)`` before building) and batch order as ``train_run``.
+
+Not a claim module (the leading underscore keeps :func:`normlab.claims.all_claims`
+from loading it as one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+__all__ = ["MLP_ARMS", "RESNET_ARMS", "ARMS", "build_arm", "arm_run", "loss_or_chance",
+           "dot_plot"]
+
+#: MLP arms: the SELU network (LeCun init), ReLU MLPs (He init) without and with BN,
+#: and ReLU MLPs whose hidden layers are weight-normalized, with torch's default
+#: init (g = ||v||) or Arpit et al.'s.
+MLP_ARMS = ("selu", "relu", "relu_bn", "wn_standard", "wn_arpit")
+#: ResNet arms: CIFAR-style ResNet with BN, without normalization (He init), Fixup.
+RESNET_ARMS = ("resnet_bn", "resnet_plain", "fixup")
+ARMS = MLP_ARMS + RESNET_ARMS
+
+
+def wn_mlp(in_features: int, num_classes: int, width: int, depth: int):
+    """Flatten, ``depth`` x [weight-normalized Linear -> ReLU], a plain Linear head (the
+    paper's classifier is not weight-normalized)."""
+    from torch import nn
+
+    from normlab.nn import weight_norm
+
+    layers: list = [nn.Flatten()]
+    fan_in = in_features
+    for _ in range(depth):
+        layers += [weight_norm(nn.Linear(fan_in, width)), nn.ReLU()]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_arm(arm: str, in_shape: Sequence[int], num_classes: int, width: int, depth: int,
+              seed: int = 0):
+    """The model of ``arm`` (one of :data:`ARMS`); ``depth`` is hidden layers for an MLP
+    and the ResNet's depth ``6n + 2`` for a ResNet arm. The caller seeds torch's RNG."""
+    import torch
+    from torch import nn
+
+    from normlab import models
+    from normlab.init import arpit_init_
+
+    if arm not in ARMS:
+        raise ValueError(f"claims._arms: unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    features = math.prod(in_shape)
+    if arm == "selu":
+        return nn.Sequential(nn.Flatten(), models.self_normalizing_mlp(
+            features, width, depth, num_classes))
+    if arm in ("relu", "relu_bn"):
+        return models.build("mlp", in_shape, num_classes, norm="bn" if arm == "relu_bn"
+                            else "none", width=width, depth=depth)
+    if arm.startswith("wn_"):
+        net = wn_mlp(features, num_classes, width, depth)
+        if arm == "wn_arpit":
+            arpit_init_(net, generator=torch.Generator().manual_seed(seed))
+        return net
+    if (depth - 2) % 6:
+        raise ValueError(f"claims._arms: a ResNet's depth must be 6n + 2, got {depth}")
+    if arm == "fixup":
+        return models.fixup_resnet(depth, num_classes, width=width, in_channels=in_shape[0])
+    return models.resnet(in_shape, num_classes, norm="bn" if arm == "resnet_bn" else "none",
+                         width=width, depth=(depth - 2) // 6)
+
+
+def _loop_options(arm: str, model, lr: float, momentum: float, weight_decay: float,
+                  warmup_steps: int, enorm_c: float | None,
+                  scalar_lr: float | None) -> dict:
+    """The keyword arguments of :func:`normlab.train.train` that hold Python objects:
+    Fixup's optimiser groups, ENorm's cycle after every step, Arpit et al.'s warm-up."""
+    import torch
+
+    from normlab.init import arpit_warmup, fixup_param_groups
+    from normlab.nn import ENorm
+
+    opts: dict = {"momentum": momentum, "weight_decay": weight_decay}
+    holder: dict = {}
+
+    def make_opt(params):
+        if arm == "fixup":  # weights at lr, scalar biases and multipliers at scalar_lr
+            factor = (scalar_lr if scalar_lr is not None else lr / 10) / lr
+            groups = fixup_param_groups(model, lr, weight_decay, factor)
+            opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if enorm_c is not None:
+            # the official code's layers: every hidden layer but the classifier's input
+            holder["enorm"] = ENorm([*model.features, model.head], c=enorm_c, optimizer=opt,
+                                    balance_last_hidden=False)
+        return opt
+
+    opts["optimizer"] = make_opt
+    if enorm_c is not None:
+        opts["callbacks"] = [lambda step, net, info: holder["enorm"].step()]
+    if warmup_steps:
+        opts["scheduler"] = lambda opt: arpit_warmup(opt, warmup_steps)
+    return opts
+
+
+def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
+            batch_size: int = 32, lr: float = 0.01, steps: int = 200, seed: int = 0,
+            momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = "constant",
+            warmup_steps: int = 0, enorm_c: float | None = None,
+            scalar_lr: float | None = None, eval_every: int | None = None,
+            curve: bool = False) -> dict:
+    """Build ``arm`` with ``torch.manual_seed(seed)``, train it with
+    :func:`normlab.train.train` on the seed's fit split of ``data`` and return the
+    training result with the final validation accuracy and loss (``val_acc``,
+    ``val_loss``: None when the run diverged) and ``num_classes``.
+
+    ``warmup_steps`` > 0 runs Arpit et al.'s quadratic warm-up
+    (:func:`normlab.init.arpit_warmup`, then the constant rate; ``schedule`` must be
+    ``"constant"``); ``enorm_c`` runs one ENorm cycle (``c = enorm_c``) after every
+    step on a ``relu`` MLP; ``scalar_lr`` is Fixup's rate of its scalars (default
+    ``lr / 10``). ``curve=False`` drops the per-step training curve."""
+    import torch
+
+    from normlab.claims.design import split
+    from normlab.train import evaluate, train
+
+    if enorm_c is not None and arm != "relu":
+        raise ValueError(f"claims._arms: ENorm needs the plain 'relu' MLP, got arm {arm!r}")
+    fit, (x_val, y_val) = split(data, seed)
+    torch.manual_seed(seed)
+    net = build_arm(arm, fit.in_shape, fit.num_classes, width, depth, seed)
+    opts = _loop_options(arm, net, lr, momentum, weight_decay, warmup_steps, enorm_c,
+                         scalar_lr)
+    result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                   schedule=schedule, eval_every=eval_every, progress=False, **opts).to_dict()
+    val_acc = val_loss = None
+    if not result["diverged"]:
+        val_loss, val_acc = evaluate(net, x_val, y_val)
+    result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss),
+                  num_classes=fit.num_classes)
+    if not curve:
+        result.pop("curve", None)
+    return result
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) else None
+
+
+def loss_or_chance(result: Mapping, key: str = "final_train_loss") -> float:
+    """The run's loss, or the cross-entropy of a uniform guess, ``ln(classes)``, where
+    the run diverged or produced none: a diverged arm counts as having learned
+    nothing, never as missing."""
+    value = result.get(key)
+    if result.get("diverged") or value is None or not math.isfinite(value):
+        return math.log(float(result.get("num_classes") or 10))
+    return float(value)
+
+
+def dot_plot(ax, groups: Mapping[str, Sequence[float]], colors: Mapping[str, str],
+             ylabel: str) -> None:
+    """One column of dots per group (one dot per seed) with its mean as a bar, seed
+    ``i`` joined across groups by a thin line (the paired design)."""
+    labels = list(groups)
+    for i, label in enumerate(labels):
+        vals = list(groups[label])
+        ax.scatter([i] * len(vals), vals, color=colors.get(label, "k"), alpha=0.7, zorder=3)
+        mean = sum(vals) / len(vals)
+        ax.plot([i - 0.2, i + 0.2], [mean, mean], color=colors.get(label, "k"), lw=2.5)
+    per_seed = list(zip(*groups.values(), strict=True))
+    for seed_vals in per_seed:
+        ax.plot(range(len(labels)), seed_vals, color="0.6", lw=0.6, zorder=1)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
