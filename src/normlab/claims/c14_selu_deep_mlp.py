@@ -109,9 +109,9 @@ CLAIM = Claim(
            "the last 10% of steps; a diverged run counts as ln 10, a uniform guess)."),
     measure=measure,
     effects=(
-        Effect("acc_gap", f"SELU minus plain ReLU test accuracy at depth {DEPTH}", "points",
+        Effect("acc_gap", "SELU minus plain ReLU test accuracy, deep MLP", "points",
                "greater", threshold=0.0, previous_noise=9.7),
-        Effect("loss_gap", f"plain ReLU minus SELU final training loss at depth {DEPTH}",
+        Effect("loss_gap", "plain ReLU minus SELU final training loss, deep MLP",
                "nats", "greater", threshold=0.0),
     ),
     lessons={
