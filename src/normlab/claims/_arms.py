@@ -123,7 +123,8 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
             curve: bool = False) -> dict:
     """Build ``arm`` with ``torch.manual_seed(seed)``, train it with
     :func:`normlab.train.train` on the seed's fit split of ``data`` and return the
-    training result with the final validation accuracy and loss (``val_acc``,
+    training result (on :func:`normlab.claims.design.current_device`, as ``train_run``)
+    with the final validation accuracy and loss (``val_acc``,
     ``val_loss``: None when the run diverged) and ``num_classes``.
 
     ``warmup_steps`` > 0 runs Arpit et al.'s quadratic warm-up
@@ -133,21 +134,23 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     ``lr / 10``). ``curve=False`` drops the per-step training curve."""
     import torch
 
-    from normlab.claims.design import split
+    from normlab.claims.design import current_device, split
     from normlab.train import evaluate, train
 
     if enorm_c is not None and arm != "relu":
         raise ValueError(f"claims._arms: ENorm needs the plain 'relu' MLP, got arm {arm!r}")
     fit, (x_val, y_val) = split(data, seed)
+    device = current_device()
     torch.manual_seed(seed)
     net = build_arm(arm, fit.in_shape, fit.num_classes, width, depth, seed)
     opts = _loop_options(arm, net, lr, momentum, weight_decay, warmup_steps, enorm_c,
                          scalar_lr)
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                   schedule=schedule, eval_every=eval_every, progress=False, **opts).to_dict()
+                   schedule=schedule, eval_every=eval_every, progress=False, device=device,
+                   **opts).to_dict()
     val_acc = val_loss = None
     if not result["diverged"]:
-        val_loss, val_acc = evaluate(net, x_val, y_val)
+        val_loss, val_acc = evaluate(net, x_val, y_val, device=device)
     result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss),
                   num_classes=fit.num_classes)
     if not curve:
