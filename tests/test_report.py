@@ -508,3 +508,18 @@ def test_index_html_renders_in_headless_chromium(study, tmp_path):
     greenish = (rgb[..., 1] > rgb[..., 0] + 0.15) & (rgb[..., 1] > rgb[..., 2] + 0.15)
     redish = (rgb[..., 0] > rgb[..., 1] + 0.2) & (rgb[..., 0] > rgb[..., 2] + 0.2)
     assert np.count_nonzero(greenish) > 100 and np.count_nonzero(redish) > 100
+
+
+def test_an_interval_not_halved_is_explained():
+    from normlab.report import _md_claim as _claim_section
+
+    row = {"key": "d", "name": "GN minus BN", "unit": "points", "role": "claim",
+           "test": "greater", "threshold": 0.0, "estimate": 1.0, "low": -0.5, "high": 2.5,
+           "half_width": 1.5, "previous_noise": 2.0, "n": 5, "verdict": "inconclusive"}
+    rec = {"id": "c", "number": 1, "title": "t", "verdict": "inconclusive", "effects": [row],
+           "width_note": "the seed spread needs 15 seeds", "statement": "s", "source": "s",
+           "setup": "s", "criterion": "c", "reason": "r"}
+    text = _claim_section(rec)
+    assert "Interval not halved" in text and "15 seeds" in text
+    rec["effects"] = [{**row, "half_width": 0.9}]
+    assert "Interval not halved" not in _claim_section(rec)

@@ -43,7 +43,8 @@ __all__ = ["write_report", "load_results", "grid_summary", "plot_grid", "make_cl
 #: What claims.json keeps of each claim record.
 CLAIM_FIELDS = ("id", "number", "title", "statement", "source", "setup", "criterion",
                 "requires", "budget", "budget_detail", "data", "decisive", "effects",
-                "setup_change", "criterion_change", "scale_note", "measured", "verdict",
+                "setup_change", "criterion_change", "scale_note", "width_note", "measured",
+                "verdict",
                 "reason", "takeaway", "error", "traceback", "plots", "plot_error", "seconds",
                 "cpu_seconds", "runs_done", "runs_reused", "warnings", "missing")
 
@@ -781,6 +782,12 @@ def _noise_change(e: dict) -> str:
     return f"{_num(prev)} → {_num(hw)}{ratio}"
 
 
+def _not_halved(e: dict) -> bool:
+    """Whether an effect's half-width exceeds half of its previous noise figure."""
+    prev, hw = e.get("previous_noise"), e.get("half_width")
+    return prev is not None and prev > 0 and (hw is None or hw > prev / 2)
+
+
 def _effect_line(e: dict) -> str:
     """One effect's interval as a Markdown sentence."""
     unit = _md_inline(e.get("unit"))
@@ -944,6 +951,12 @@ def _md_claim(r: dict) -> str:
                  f"Old: {_md_inline(change.get('old'))} New: {_md_inline(change.get('new'))}")
     if r.get("scale_note"):
         B.append(f"**Scale.** {_md_text(r['scale_note'])}")
+    wide = [e for e in r.get("effects") or [] if _not_halved(e)]
+    if wide:
+        names = ", ".join(_md_inline(e.get("name") or e.get("key")) for e in wide)
+        why = _md_text(r.get("width_note")) or "(the claim gives no reason)"
+        B.append(f"**Interval not halved.** The interval of {names} is wider than half the "
+                 f"noise figure the old protocol used. Why: {why}")
     if r.get("measured") is not None:
         B.append(_md_raw(r))
     return "\n\n".join(B)

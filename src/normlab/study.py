@@ -163,7 +163,8 @@ def _claim_text(claim: Claim) -> dict:
             "statement": claim.statement, "source": claim.source, "setup": claim.setup,
             "criterion": claim.criterion_text(), "setup_change": claim.setup_change,
             "criterion_change": {"old": change[0], "new": change[1]} if change else None,
-            "scale_note": claim.scale_note, "requires": list(claim.requires)}
+            "scale_note": claim.scale_note, "width_note": claim.width_note,
+            "requires": list(claim.requires)}
 
 
 def _budget_dict(budget: Budget) -> dict:

@@ -114,6 +114,9 @@ class Claim:
             under the protocol, else None.
         scale_note: why the lab's small scale may make its verdict differ from the
             paper's.
+        width_note: why an effect's interval is not at most half as wide as the noise
+            figure the old protocol used (``Effect.previous_noise``), where it is not;
+            the report shows it next to the widths.
         criterion: extra words on the criterion; the rule itself is generated from
             ``effects`` (:meth:`criterion_text`).
         requires: dotted names that must import for the claim to run (e.g.
@@ -135,6 +138,7 @@ class Claim:
     setup_change: str = ""
     criterion_change: tuple[str, str] | None = None
     scale_note: str = ""
+    width_note: str = ""
     criterion: str = ""
     requires: tuple[str, ...] = ()
     plot: Callable[[dict, Path], list[str]] | None = None
