@@ -104,6 +104,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.grid(alpha=0.3)
     seed_dots(ax2, 0, m["effects"]["decades"], "tab:blue")
     ax2.axhline(MIN_DECADES, color="k", ls=":", lw=0.8)
+    ax2.set_xlim(-0.6, 0.6)
     ax2.set_xticks([0], ["largest trainable rate:\nlog10(BN / no norm)"])
     ax2.set_ylabel("decades, one dot per seed")
     ax2.grid(alpha=0.3)

@@ -124,6 +124,7 @@ def plot(m: dict, out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
     seed_dots(axes[2], 0, m["effects"]["drift_ratio"], "tab:blue")
     axes[2].axhline(STEADIER, color="k", ls=":", lw=0.8)
+    axes[2].set_xlim(-0.6, 0.6)
     axes[2].set_xticks([0], ["total drift:\nno norm / BN"])
     axes[2].grid(alpha=0.3)
     fig.suptitle(f"MLP {DEPTH}x{WIDTH} on {DATA}, probe batch of {PROBE_SIZE}, one curve "
