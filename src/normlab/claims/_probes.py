@@ -66,7 +66,9 @@ def _normalize(vs):
 def _power(params, hvp, gen, iters: int, shift: float) -> tuple[float, float]:
     """An eigenvalue of ``H`` by power iteration on ``H - shift I``, and the relative
     change of its estimate over the last iteration (how far from converged)."""
-    v = _normalize([torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params])
+    # drawn on the CPU generator, then moved: the same vectors on every device
+    v = _normalize([torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                    for p in params])
     lam = prev = 0.0
     for _ in range(iters):
         hv = [h - shift * u for h, u in zip(hvp(v), v, strict=True)]
@@ -108,7 +110,8 @@ def hessian_spectrum(model: nn.Module, x: Tensor, y: Tensor, power_iters: int = 
                                   else ((other, other_change), first))
     samples = []
     for _ in range(probes):
-        z = [torch.randint(0, 2, p.shape, generator=gen).double() * 2 - 1 for p in params]
+        z = [(torch.randint(0, 2, p.shape, generator=gen).double() * 2 - 1).to(p.device)
+             for p in params]
         samples.append(_dot(z, hvp(z)))
     n = sum(p.numel() for p in params)
     trace = sum(samples) / len(samples)

@@ -43,24 +43,25 @@ def curve_run(*, norm: str, lr: float, steps: int, seed: int, eval_points: int) 
     import torch
 
     from normlab import models
-    from normlab.claims.design import split
+    from normlab.claims.design import current_device, split
     from normlab.train import evaluate, train
 
     fit, (x_val, y_val) = split(DATA, seed)
+    device = current_device()
     at = set(eval_steps(steps, eval_points))
     curve = {"step": [], "val_acc": [], "test_acc": []}
 
     def probe(step, model, _info):
         if step in at:
             curve["step"].append(step)
-            curve["val_acc"].append(evaluate(model, x_val, y_val)[1])
-            curve["test_acc"].append(evaluate(model, fit.x_test, fit.y_test)[1])
+            curve["val_acc"].append(evaluate(model, x_val, y_val, device=device)[1])
+            curve["test_acc"].append(evaluate(model, fit.x_test, fit.y_test, device=device)[1])
         return False
 
     torch.manual_seed(seed)
     net = models.build(MODEL, fit.in_shape, fit.num_classes, norm=norm, **MODEL_KWARGS)
     result = train(net, fit, steps=steps, batch_size=BATCH, lr=lr, seed=seed,
-                   eval_every=steps, progress=False, callbacks=[probe])
+                   eval_every=steps, progress=False, device=device, callbacks=[probe])
     return {"diverged": result.diverged, "steps_done": result.steps_done,
             "final_test_acc": result.final_test_acc, "num_classes": fit.num_classes,
             "eval_at": sorted(at), "curve": curve}

@@ -34,14 +34,15 @@ def hessian_run(*, norm: str, lr: float, steps: int, seed: int, power_iters: int
 
     from normlab import models
     from normlab.claims._probes import hessian_spectrum, hidden_linears
-    from normlab.claims.design import split
+    from normlab.claims.design import current_device, split
     from normlab.train import train
 
     fit, _ = split(DATA, seed)
+    device = current_device()
     torch.manual_seed(seed)
     net = models.build(MODEL, fit.in_shape, fit.num_classes, norm=norm, width=WIDTH,
-                       depth=DEPTH)
-    x, y = fit.x_train[:PROBE_SIZE], fit.y_train[:PROBE_SIZE]
+                       depth=DEPTH).to(device)
+    x, y = fit.x_train[:PROBE_SIZE].to(device), fit.y_train[:PROBE_SIZE].to(device)
 
     def probe():
         out = hessian_spectrum(net, x, y, power_iters, probes, seed)
@@ -50,7 +51,7 @@ def hessian_run(*, norm: str, lr: float, steps: int, seed: int, power_iters: int
 
     out = {"init": probe()}
     result = train(net, fit, steps=steps, batch_size=BATCH, lr=lr, seed=seed,
-                   eval_every=steps, progress=False)
+                   eval_every=steps, progress=False, device=device)
     out.update(trained=probe(), final_test_acc=result.final_test_acc,
                diverged=result.diverged)
     return out

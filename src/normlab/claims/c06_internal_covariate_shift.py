@@ -34,14 +34,15 @@ def drift_run(*, norm: str, lr: float, steps: int, seed: int, checkpoints: int) 
 
     from normlab import models
     from normlab.claims import _probes
-    from normlab.claims.design import split
+    from normlab.claims.design import current_device, split
     from normlab.train import train
 
     fit, _ = split(DATA, seed)
+    device = current_device()
     torch.manual_seed(seed)
     net = models.build("mlp", fit.in_shape, fit.num_classes, norm=norm, width=WIDTH,
-                       depth=DEPTH)
-    x, y = fit.x_train[:PROBE_SIZE], fit.y_train[:PROBE_SIZE]
+                       depth=DEPTH).to(device)
+    x, y = fit.x_train[:PROBE_SIZE].to(device), fit.y_train[:PROBE_SIZE].to(device)
     layer, every = DEPTH - 1, max(1, steps // checkpoints)
     track = {"step": [], "stats": [], "grad_shift": []}
 
@@ -57,7 +58,7 @@ def drift_run(*, norm: str, lr: float, steps: int, seed: int, checkpoints: int) 
 
     record(0, net)
     result = train(net, fit, steps=steps, batch_size=BATCH, lr=lr, seed=seed,
-                   eval_every=steps, progress=False, callbacks=[callback])
+                   eval_every=steps, progress=False, device=device, callbacks=[callback])
     stats = track.pop("stats")
     drift = [_probes.interval_drift(*a, *b) for a, b in zip(stats[:-1], stats[1:], strict=True)]
     return {**track, "drift": drift, "total_drift": sum(drift), "diverged": result.diverged,
