@@ -2,72 +2,86 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from normlab.claims._bn_paper import ARMS, differences, seed_dots
 from normlab.claims.base import Claim, RunContext, save_plot
+from normlab.claims.design import accuracy_or_chance, train_run
+from normlab.claims.protocol import Effect
 
+DATA = "digits"
 MODEL = "cnn"
 MODEL_KWARGS = {"width": 16, "depth": 3}
 BATCH = 32
-#: log-spaced by half decades (factor ~3.16): 0.001 ... 10
-LRS = tuple(round(10 ** (k / 2 - 3), 6) for k in range(9))
-TRAINS_ACC = 0.5  # "trains": not diverged and final test accuracy >= 0.5 (chance: 0.1)
-MIN_FACTOR = 10.0  # reproduced: BN's largest training lr >= 10x (two grid steps) in every seed
+STEPS = 200
+#: Half-decade steps (factor sqrt(10)) from 0.01 to 10; extended while an arm still
+#: trains at the top (or fails at the bottom) in some seed.
+LR_GRID = tuple(round(10 ** (k / 2 - 2), 6) for k in range(7))
+MAX_EXTENSIONS = 2
+#: A run "trains" if its final test accuracy reaches this (chance: 0.1).
+TRAINS_ACC = 0.5
+#: "Much higher": the lab's bar, one decade (10x; the paper trained BN-Inception at 5x
+#: and 30x the baseline's rate).
+MIN_DECADES = 1.0
 
 
-def trains(run: dict) -> bool:
-    acc = run["final_test_acc"]
-    return (not run["diverged"]) and acc is not None and acc >= TRAINS_ACC
+def largest_trainable(lrs, accs, bar: float = TRAINS_ACC) -> tuple[float, str]:
+    """log10 of the largest rate that trains, interpolated in log(rate) between the
+    largest grid rate whose accuracy reaches ``bar`` and the next one (linear in
+    accuracy); with the state ``"bracketed"``, ``"above"`` (trains at the top: the top
+    rate, a lower bound) or ``"below"`` (trains nowhere: half a grid step below the
+    lowest rate)."""
+    logs = [math.log10(lr) for lr in lrs]
+    ok = [i for i, a in enumerate(accs) if a >= bar]
+    if not ok:
+        return logs[0] - 0.5 * (logs[1] - logs[0]), "below"
+    i = ok[-1]
+    if i == len(lrs) - 1:
+        return logs[i], "above"
+    frac = (accs[i] - bar) / (accs[i] - accs[i + 1])
+    return logs[i] + frac * (logs[i + 1] - logs[i]), "bracketed"
 
 
-def largest_training_lr(lrs, runs) -> float | None:
-    ok = [lr for lr, run in zip(lrs, runs, strict=True) if trains(run)]
-    return max(ok) if ok else None
+def _kwargs(norm, lr, seed, steps):
+    return {"model": MODEL, "norm": norm, "data": DATA, "batch_size": BATCH, "lr": lr,
+            "steps": steps, "seed": seed, "model_kwargs": MODEL_KWARGS,
+            "train_kwargs": {"eval_every": steps}}
+
+
+def sweep(ctx: RunContext, norm: str, steps: int) -> dict:
+    """Test accuracy (chance where a run diverged) at every rate for every seed,
+    extending the grid by a half decade at an edge where some seed needs it."""
+    lrs, acc = sorted(LR_GRID), {}
+    for extension in range(MAX_EXTENSIONS + 1):
+        todo = [lr for lr in lrs if lr not in acc]
+        runs = ctx.map(train_run, [_kwargs(norm, lr, s, steps) for lr in todo
+                                   for s in ctx.seeds])
+        for i, lr in enumerate(todo):
+            acc[lr] = [accuracy_or_chance(r) for r in runs[i * len(ctx.seeds):
+                                                          (i + 1) * len(ctx.seeds)]]
+        states = [largest_trainable(lrs, [acc[lr][j] for lr in lrs])[1]
+                  for j in range(len(ctx.seeds))]
+        if extension == MAX_EXTENSIONS:
+            break
+        if "above" in states:
+            lrs.append(round(lrs[-1] * math.sqrt(10), 6))
+        elif "below" in states:
+            lrs.insert(0, round(lrs[0] / math.sqrt(10), 6))
+        else:
+            break
+    per_seed = [largest_trainable(lrs, [acc[lr][j] for lr in lrs])
+                for j in range(len(ctx.seeds))]
+    return {"lrs": lrs, "acc": [acc[lr] for lr in lrs],
+            "log10_lr_max": [v for v, _ in per_seed], "state": [s for _, s in per_seed]}
 
 
 def measure(ctx: RunContext) -> dict:
-    steps = ctx.budget.steps(200)
-    seeds = list(range(ctx.budget.seeds))
-    acc = {}
-    diverged = {}
-    largest = {}
-    for norm in ("none", "bn"):
-        acc[norm], diverged[norm], largest[norm] = [], [], []
-        for seed in seeds:
-            runs = [ctx.train(model=MODEL, norm=norm, batch_size=BATCH, lr=lr, steps=steps,
-                              seed=seed, model_kwargs=MODEL_KWARGS) for lr in LRS]
-            acc[norm].append([r["final_test_acc"] if not r["diverged"] else None
-                              for r in runs])
-            diverged[norm].append([bool(r["diverged"]) for r in runs])
-            largest[norm].append(largest_training_lr(LRS, runs))
-    return {"data": ctx.data, "model": MODEL, "model_kwargs": MODEL_KWARGS, "batch": BATCH,
-            "steps": steps, "seeds": seeds, "lrs": list(LRS), "trains_acc": TRAINS_ACC,
-            "final_test_acc": acc, "diverged": diverged, "largest_lr": largest}
-
-
-def judge(m: dict) -> tuple[str, str]:
-    top = max(m["lrs"])
-    rows = []
-    factors = []
-    for i, seed in enumerate(m["seeds"]):
-        lr_none, lr_bn = m["largest_lr"]["none"][i], m["largest_lr"]["bn"][i]
-        rows.append(f"seed {seed}: no norm {lr_none}, BN {lr_bn}")
-        if lr_none is None or lr_bn is None:
-            return "inconclusive", f"a network trained at none of the rates ({'; '.join(rows)})."
-        if lr_none >= top:
-            return "inconclusive", f"the no-norm net still trains at the top of the grid " \
-                                   f"({top:g}), so its limit was not found ({'; '.join(rows)})."
-        factors.append(lr_bn / lr_none)
-    desc = "; ".join(rows)
-    # The grid's rates are rounded to 6 decimals: compare with a 0.1% tolerance.
-    if all(f >= MIN_FACTOR * 0.999 for f in factors):
-        return "reproduced", f"the largest rate that still trains is >= {MIN_FACTOR:g}x higher " \
-                             f"with BN in every seed ({desc})."
-    if all(f <= 1.001 for f in factors):
-        return "not reproduced", f"BN's largest training rate is no higher than the plain " \
-                                 f"net's in any seed ({desc})."
-    return "inconclusive", f"BN trains at higher rates, but less than {MIN_FACTOR:g}x higher " \
-                           f"in some seed ({desc})."
+    steps = ctx.budget.steps(STEPS)
+    sweeps = {norm: sweep(ctx, norm, steps) for norm, _, _ in ARMS}
+    gap = differences(sweeps["bn"]["log10_lr_max"], sweeps["none"]["log10_lr_max"])
+    return {"effects": {"decades": gap}, "sweeps": sweeps, "steps": steps,
+            "trains_acc": TRAINS_ACC, "seeds": ctx.seeds}
 
 
 def plot(m: dict, out_dir: Path) -> list[str]:
@@ -76,24 +90,25 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"none": ("tab:gray", "no normalization"), "bn": ("tab:blue", "BatchNorm")}
-    for norm, (color, label) in styles.items():
-        for i, accs in enumerate(m["final_test_acc"][norm]):
-            ys = [a if a is not None else 0.0 for a in accs]
-            ax.plot(m["lrs"], ys, "o-", color=color, alpha=0.85, label=label if i == 0 else None)
-            for lr, d in zip(m["lrs"], m["diverged"][norm][i], strict=True):
-                if d:
-                    ax.plot([lr], [0.0], "x", color=color, ms=9)
-    ax.axhline(m["trains_acc"], color="k", ls=":", lw=0.8, label="'trains' threshold")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for norm, label, color in ARMS:
+        sw = m["sweeps"][norm]
+        for j in range(len(m["seeds"])):
+            ax.plot(sw["lrs"], [a[j] for a in sw["acc"]], "o-", ms=3, color=color, alpha=0.6,
+                    label=label if j == 0 else None)
+    ax.axhline(m["trains_acc"], color="k", ls=":", lw=0.8, label="'trains' bar")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (SGD, momentum 0.9)")
-    ax.set_ylabel(f"final test accuracy after {m['steps']} steps")
-    ax.set_ylim(-0.03, 1.01)
-    ax.set_title(f"Learning-rate sensitivity, {m['model']} on {m['data']} (x: diverged)",
-                 fontsize=10)
-    ax.legend(loc="lower left")
+    ax.set_ylabel(f"test accuracy after {m['steps']} steps, one line per seed")
+    ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
+    seed_dots(ax2, 0, m["effects"]["decades"], "tab:blue")
+    ax2.axhline(MIN_DECADES, color="k", ls=":", lw=0.8)
+    ax2.set_xlim(-0.6, 0.6)
+    ax2.set_xticks([0], ["largest trainable rate:\nlog10(BN / no norm)"])
+    ax2.set_ylabel("decades, one dot per seed")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"Learning-rate range, CNN on {DATA} (diverged runs at chance)", fontsize=10)
     return save_plot(fig, out_dir, "bn_higher_lr_sensitivity.png")
 
 
@@ -107,19 +122,41 @@ CLAIM = Claim(
               "baseline rate).",
     source="Ioffe & Szegedy 2015, section 3.3 and section 4.2.1 (BN-x5, BN-x30); seed "
            "article 000 ('allow for increased learning rate')",
-    setup="3-block CNN (width 16) on the study's dataset (digits by default), batch 32, SGD "
-          "momentum 0.9, constant lr from 0.001 to 10 in factors of sqrt(10) (9 rates), 200 "
-          "steps at the default budget (x0.25 quick), no norm vs BN; seeds: the budget's.",
-    criterion="A run 'trains' if it did not diverge and its final test accuracy is >= 0.5 "
-              "(chance 0.1). Per seed, take the largest rate in the grid that trains, with "
-              "and without BN. Reproduced if BN's is >= 10x the plain net's (two grid steps) "
-              "in every seed; not reproduced if BN's is no higher in every seed; "
-              "inconclusive otherwise, or if the plain net still trains at the top rate (10), "
-              "or a net trains at no rate.",
+    setup=(f"3-block CNN (width 16) on {DATA}, batch {BATCH}, SGD momentum 0.9, constant "
+           f"rate, {STEPS} steps, no normalization vs BN. Each seed draws its own split, "
+           "initial weights and batch order, shared by both arms. The effect IS the "
+           "learning rate, so no rate is chosen: every arm runs every rate of a half-decade "
+           f"grid {list(LR_GRID)} in every seed, extended by half a decade while some seed "
+           "still trains at the top (or at no rate). A run trains if its final test "
+           f"accuracy is at least {TRAINS_ACC:.0%} (a diverged run counts at chance). Per "
+           "seed and arm, the largest trainable rate is interpolated in log(rate) between "
+           "the last grid rate that trains and the next; the effect is its log10 ratio, BN "
+           "over no norm."),
     measure=measure,
-    judge=judge,
+    effects=(
+        Effect("decades", "largest trainable rate, log10 of BN over no norm", "decades",
+               "greater", threshold=MIN_DECADES),
+    ),
+    lessons={
+        "reproduced": "BN extended the range of usable learning rates upward by at least "
+                      "the declared factor: with BN, try larger rates before anything else.",
+        "not reproduced": "At this scale BN did not extend the usable learning rates by the "
+                          "declared factor.",
+        "inconclusive": "The measurement cannot yet tell whether BN extends the usable "
+                        "learning rates by the declared factor.",
+    },
+    setup_change=("Before: the largest grid rate that trains, on a half-decade grid "
+                  "(quantised to half decades), 2 seeds on one split, a grid that was not "
+                  "extended. Now: the same grid extended at an edge, the limit interpolated "
+                  "between grid rates (a smooth per-seed value), 5 seeds with seed-drawn "
+                  "splits, paired per seed. The old measurement gave the same ratio in both "
+                  "seeds (10x), so no seed range: previous_noise is null."),
+    criterion_change=("BN's largest training rate >= 10x the plain net's in every seed",
+                      "log10(BN's over the plain net's largest trainable rate): interval "
+                      "above 1 decade"),
+    scale_note=("The paper raised the rate of a tuned Inception by 5x and 30x with a "
+                "schedule; here a short constant-rate run on a small CNN marks the limit "
+                "where training fails, a coarser reading of 'allows higher rates'."),
     requires=("normlab.nn.BatchNorm",),
     plot=plot,
-    takeaway="BN extended the usable learning rates of this CNN 10x upward (1.0 vs 0.1): "
-             "with BN, try larger rates before anything else.",
 )
