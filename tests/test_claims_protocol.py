@@ -138,3 +138,14 @@ def test_the_device_is_part_of_the_key_and_checked():
     assert current_device() == "cpu"
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"), on_device("tpu"):
         pass
+
+
+def test_a_run_with_non_finite_outputs_scores_chance():
+    from normlab.claims.design import accuracy_or_chance
+
+    assert accuracy_or_chance({"final_test_acc": 0.9, "final_test_loss": 0.3}) == 0.9
+    assert accuracy_or_chance({"final_test_acc": 0.0, "final_test_loss": None,
+                               "num_classes": 10}) == pytest.approx(0.1)
+    assert accuracy_or_chance({"final_test_acc": None, "num_classes": 4}) == 0.25
+    assert accuracy_or_chance({"val_acc": 0.5, "val_loss": None, "num_classes": 2},
+                              "val_acc") == 0.5

@@ -122,10 +122,15 @@ def _finite(x):
 
 
 def accuracy_or_chance(result: Mapping, key: str = "final_test_acc") -> float:
-    """The run's accuracy, or chance (1 / classes) where the run diverged or produced
-    none: a diverged arm counts as having learned nothing, never as missing."""
+    """The run's accuracy, or chance (1 / classes) where the run diverged, produced
+    none, or its outputs went non-finite (the matching loss, e.g. ``final_test_loss``
+    for ``final_test_acc``, stored as None): such an arm counts as having learned
+    nothing, never as missing."""
     value = result.get(key)
-    if value is None or not math.isfinite(value):
+    loss = result.get(key.replace("_acc", "_loss"), 0.0)
+    if value is None or not math.isfinite(value) or loss is None:
+        # a run whose outputs went non-finite (its loss stored as None) scores 0 by
+        # argmax over NaN logits; it learned nothing, which is chance, not worse
         return 1.0 / float(result.get("num_classes") or 10)
     return float(value)
 
