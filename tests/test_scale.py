@@ -198,6 +198,30 @@ def test_paper_scale_study_measures_claim8_and_reports_the_others_not_run(tmp_pa
     claims_json = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert {r["id"]: r["scale"] for r in claims_json} == {"small_only": "paper",
                                                           "gn_batch_stable": "paper"}
+    # the same study again computes nothing: every run is found under its key
+    again = run_study(tmp_path / "out", budget=TINY, claims=[8, SMALL_ONLY], workers=0,
+                      scale="paper", data_dir=root, log=lambda line: None)
+    assert (again["runs_done"], again["runs_reused"]) == (0, 8)
+    assert again["claims"][0]["measured"] == gn["measured"]
+
+
+def test_cli_passes_the_scale_and_the_folder_to_the_study(tmp_path, monkeypatch, capsys):
+    import normlab.study
+
+    seen = {}
+
+    def fake_run_study(out, **kwargs):
+        seen.update(kwargs)
+        return {"claims": [], "wall_seconds": 0.0, "runs_done": 0, "runs_reused": 0,
+                "report": str(out)}
+
+    monkeypatch.setattr(normlab.study, "run_study", fake_run_study)
+    folder = str(tmp_path / "cifar")
+    assert main(["study", "--scale", "paper", "--data-dir", folder, "--out", "o"]) == 0
+    assert (seen["scale"], seen["data_dir"]) == ("paper", folder)
+    assert "--scale paper --data-dir " + folder in seen["command"]
+    assert main(["study", "--out", "o"]) == 0
+    assert (seen["scale"], seen["data_dir"]) == ("small", None)
 
 
 @pytest.mark.parametrize("args,expected", [
