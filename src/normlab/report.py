@@ -834,7 +834,7 @@ def _scale_text(meta: dict, records: Sequence[dict]) -> str:
     """The study's scale, what it ran at it, and any claim recorded at another scale."""
     scale = meta.get("scale", "small")
     if scale == "small":
-        text = "small (every claim's setup on the embedded datasets, 2 CPU cores in minutes)"
+        text = "small (every claim's setup, on the embedded datasets)"
     else:
         text = (f"{scale} (the papers' setups, on the data in `{meta.get('data_dir')}`, for "
                 "the claims that have one")

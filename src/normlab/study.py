@@ -536,6 +536,7 @@ def _write_meta(out, budget, data, workers, found, grid, started, wall, counters
     previous = read_json(out / "study.json")
     history = previous.get("history", []) if isinstance(previous, dict) else []
     history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
+                           "scale": scale,
                            "runs_done": counters["runs_done"],
                            "runs_reused": counters["runs_reused"]}])[-20:]
     from normlab import __version__
