@@ -241,6 +241,14 @@ def _add_study(sub) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to join (auto, HOST:PORT); default: start a local "
                    "one with --workers CPUs on 127.0.0.1")
+    p.add_argument("--scale", default="small", choices=("small", "paper"),
+                   help="small (default): every claim's setup on the embedded datasets; "
+                   "paper: the papers' setups (ResNet-20 on CIFAR-10 from --data-dir, sized "
+                   "for one GPU in hours) for the claims that have one, the others are "
+                   "reported as not run at this scale")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="with --scale paper: the folder of CIFAR-10's python batches "
+                   "(data_batch_1 .. data_batch_5, test_batch)")
     p.set_defaults(run=_run_study)
 
 
@@ -250,6 +258,10 @@ def _run_study(args) -> int:
     from normlab.study import StudyLocked, format_claims_table, run_study
 
     parts = ["normlab", "study"] + ([f"--{args.budget}"] if args.budget != "default" else [])
+    if args.scale != "small":
+        parts += ["--scale", args.scale]
+    if args.data_dir:
+        parts += ["--data-dir", args.data_dir]
     if args.claims:
         parts += ["--claims", *args.claims]
     if args.data != "digits":
@@ -270,7 +282,7 @@ def _run_study(args) -> int:
                             workers=args.workers, grid=not args.no_grid,
                             command=" ".join(shlex.quote(x) for x in parts),
                             executor=args.executor, ray_address=args.ray_address,
-                            device=args.device)
+                            device=args.device, scale=args.scale, data_dir=args.data_dir)
     except StudyLocked as e:
         print(f"{e}", file=sys.stderr)
         return 2

@@ -46,18 +46,19 @@ CLAIM_FIELDS = ("id", "number", "title", "statement", "source", "setup", "criter
                 "setup_change", "criterion_change", "scale_note", "width_note", "measured",
                 "verdict",
                 "reason", "takeaway", "error", "traceback", "plots", "plot_error", "seconds",
-                "cpu_seconds", "runs_done", "runs_reused", "warnings", "missing")
+                "cpu_seconds", "runs_done", "runs_reused", "warnings", "missing", "scale")
 
 #: Verdicts decided by a measurement, then those that say why there is none.
 MEASURED_VERDICTS = ("reproduced", "not reproduced", "inconclusive")
-UNMEASURED_VERDICTS = ("not testable at this scale", "not available")
+UNMEASURED_VERDICTS = ("not testable at this scale", "not available", "not run at this scale")
 
 _VERDICT_MARK = {"reproduced": "✔", "not reproduced": "✘", "inconclusive": "?",
-                 "not testable at this scale": "◌", "not available": "–"}
+                 "not testable at this scale": "◌", "not available": "–",
+                 "not run at this scale": "·"}
 # Colour-blind-safe enough (green/red also differ in lightness), matched by the CSS badges.
 _VERDICT_COLOR = {"reproduced": "#2e7d32", "not reproduced": "#c62828",
                   "inconclusive": "#e08a00", "not testable at this scale": "#5c6f9c",
-                  "not available": "#9e9e9e"}
+                  "not available": "#9e9e9e", "not run at this scale": "#bdbdbd"}
 
 VERDICT_RULE = ("**How verdicts are decided.** Each effect is estimated over the seeds with a "
                 "95% confidence interval. *Reproduced* only if the interval lies entirely on "
@@ -549,7 +550,9 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
                      f"**{counts['not reproduced']} not reproduced**, "
                      f"{counts['inconclusive']} inconclusive, "
                      f"{counts['not testable at this scale']} not testable at this scale and "
-                     f"{counts['not available']} not available.")
+                     f"{counts['not available']} not available"
+                     + (f"; {counts['not run at this scale']} not run at this scale."
+                        if counts["not run at this scale"] else "."))
     if grid is not None:
         notes += _grid_notes(grid)
     for verdict in ("reproduced", "not reproduced"):
@@ -566,7 +569,9 @@ def practitioner_notes(records: Sequence[dict], grid: dict | None) -> list[str]:
                                             "threshold, see each claim)"),
                            ("not testable at this scale", "Not testable at this scale (a "
                                                           "premise failed here)"),
-                           ("not available", "Not available (layers or data missing)")):
+                           ("not available", "Not available (layers or data missing)"),
+                           ("not run at this scale", "Not run at this scale (no setup at "
+                                                     "the study's scale)")):
         these = [str(r["number"]) for r in records if r["verdict"] == verdict]
         if these:
             notes.append(f"{words}: claim{'s' if len(these) > 1 else ''} {', '.join(these)}.")
@@ -815,6 +820,7 @@ def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
         total = sum(h.get("wall_seconds") or 0 for h in history)
         wall += f"; {total:.0f} s over {len(history)} invocations"
     return [
+        ("scale", _scale_text(meta, records)),
         ("budget", f"{meta.get('budget', '?')} (step scale {bd.get('step_scale', '?')})"
          + (f"; claims measured at: {', '.join(budgets)}"
             if budgets and budgets != [meta.get("budget")] else "")),
@@ -831,6 +837,23 @@ def _run_top(meta: dict, records: Sequence[dict]) -> list[tuple[str, str]]:
     ]
 
 
+def _scale_text(meta: dict, records: Sequence[dict]) -> str:
+    """The study's scale, what it ran at it, and any claim recorded at another scale."""
+    scale = meta.get("scale", "small")
+    if scale == "small":
+        text = "small (every claim's setup, on the embedded datasets)"
+    else:
+        text = (f"{scale} (the papers' setups, on the data in `{meta.get('data_dir')}`, for "
+                "the claims that have one")
+        not_run = meta.get("not_run_at_scale") or []
+        text += f"; {len(not_run)} claim(s) not run at this scale)" if not_run else ")"
+    other = sorted({str(r.get("scale", "small")) for r in records
+                    if r.get("scale", "small") != scale})
+    if other:
+        text += f"; claims recorded at another scale here: {', '.join(other)}"
+    return text
+
+
 def _smoke(r: dict) -> bool:
     """Whether the claim ran at a budget that decides nothing (the quick smoke test). A
     failed or unavailable measurement is not decisive either, but not for that reason."""
@@ -841,7 +864,8 @@ def _smoke(r: dict) -> bool:
 
 
 def _md_top(meta: dict, records: Sequence[dict]) -> str:
-    L = ["# normlab study: the papers' claims about normalization, re-run at small scale", ""]
+    at = "at the papers' scale" if meta.get("scale") == "paper" else "at small scale"
+    L = [f"# normlab study: the papers' claims about normalization, re-run {at}", ""]
     L += [f"- **{k}:** {v}" for k, v in _run_top(meta, records)]
     old = [r for r in records if "effects" not in r]
     if len(old) < len(records):
@@ -911,7 +935,8 @@ def _md_table(records: Sequence[dict]) -> str:
              "the measurement failed): verdict and reason as recorded",
              lambda r: r["verdict"] not in UNMEASURED_VERDICTS and not _effects(r)),
             ("Not testable at this scale, or not available",
-             lambda r: r["verdict"] in UNMEASURED_VERDICTS)):
+             lambda r: r["verdict"] in UNMEASURED_VERDICTS[:2]),
+            ("Not run at this scale", lambda r: r["verdict"] == "not run at this scale")):
         these = [r for r in records if keep(r)]
         if these:
             L += ["", f"### {title}", "", "| # | claim | verdict | why |", "|---|---|---|---|"]
@@ -1045,6 +1070,7 @@ th{background:#f3f3f3}
 .inconclusive{background:#fdf0c8;color:#6b5200}
 .not-testable-at-this-scale{background:#dfe5f3;color:#2f3f66}
 .not-available{background:#e8e8e8;color:#555}
+.not-run-at-this-scale{background:#f0f0f0;color:#666}
 blockquote{border-left:4px solid #e0a000;background:#fff8e1;margin:1em 0;padding:.3em 1em}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6em;overflow-x:auto;font-size:.82em}
 details{margin:1em 0}summary{cursor:pointer;color:#444}

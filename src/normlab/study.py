@@ -49,6 +49,7 @@ from pathlib import Path
 
 from normlab.claims.base import (
     BUDGETS,
+    SCALES,
     Budget,
     Claim,
     PendingRuns,
@@ -156,11 +157,12 @@ def select_claims(selection: Iterable | None, log=None) -> list[_Found]:
     return sorted(unique, key=lambda f: f.claim.number)
 
 
-def _claim_text(claim: Claim) -> dict:
-    """The descriptive fields of a claim, as stored with its result."""
+def _claim_text(claim: Claim, scale: str = "small") -> dict:
+    """The descriptive fields of a claim at ``scale``, as stored with its result."""
     change = claim.criterion_change
-    return {"id": claim.id, "number": claim.number, "title": claim.title,
-            "statement": claim.statement, "source": claim.source, "setup": claim.setup,
+    return {"id": claim.id, "number": claim.number, "title": claim.title, "scale": scale,
+            "statement": claim.statement, "source": claim.source,
+            "setup": claim.setup_at(scale),
             "criterion": claim.criterion_text(), "setup_change": claim.setup_change,
             "criterion_change": {"old": change[0], "new": change[1]} if change else None,
             "scale_note": claim.scale_note, "width_note": claim.width_note,
@@ -195,11 +197,12 @@ class _ClaimJob:
     """One claim's measurement as a job of :func:`normlab.executor.execute_jobs`."""
 
     def __init__(self, found: _Found, budget: Budget, out: Path, data: str, workers: int,
-                 log: Callable[[str], None], device: str = "cpu"):
+                 log: Callable[[str], None], device: str = "cpu", scale: str = "small",
+                 data_dir: str | None = None):
         self.claim = found.claim
         self.budget, self.out, self.data, self.log = budget, out, data, log
         self.ctx = RunContext(self.claim.id, budget, out, data=data, plan=bool(workers),
-                              device=device,
+                              device=device, scale=scale, data_dir=data_dir,
                               log=lambda line, _id=self.claim.id: log(f"  {_id}: {line}"))
         self.error: str | None = None
         self.tb: str | None = None
@@ -250,8 +253,10 @@ def _record(job: _ClaimJob) -> dict:
     """The claim's record (see :mod:`normlab.report` for its keys), judged by the
     protocol, with its plots drawn."""
     claim, budget = job.claim, job.budget
-    rec = {**_claim_text(claim), "budget": budget.name, "budget_detail": _budget_dict(budget),
-           "data": job.data, "missing": [], "measured": job.measured, "verdict": "inconclusive",
+    data = job.data if job.ctx.scale == "small" else f"{job.ctx.scale} scale, {job.ctx.data_dir}"
+    rec = {**_claim_text(claim, job.ctx.scale), "budget": budget.name,
+           "budget_detail": _budget_dict(budget), "data": data, "missing": [],
+           "measured": job.measured, "verdict": "inconclusive",
            "decisive": budget.decisive, "effects": [], "reason": "", "takeaway": "",
            "error": job.error, "traceback": job.tb, "plots": [], "plot_error": None,
            "seconds": round(time.perf_counter() - (job.started or time.perf_counter()), 2),
@@ -274,12 +279,25 @@ def _record(job: _ClaimJob) -> dict:
     return json_safe(rec)
 
 
-def _not_available(claim: Claim, missing: list, budget: Budget, data: str) -> dict:
-    return {**_claim_text(claim), "budget": budget.name, "budget_detail": _budget_dict(budget),
-            "data": data, "missing": missing, "measured": None, "verdict": "not available",
-            "decisive": False, "effects": [],
-            "reason": "needs " + ", ".join(missing) + ", which do not import yet",
-            "takeaway": "", "error": None, "traceback": None, "plots": [], "plot_error": None,
+def _not_available(claim: Claim, missing: list, budget: Budget, data: str,
+                   scale: str = "small") -> dict:
+    return _unmeasured(claim, budget, data, scale, "not available",
+                       "needs " + ", ".join(missing) + ", which do not import yet", missing)
+
+
+def _not_run(claim: Claim, budget: Budget, data: str, scale: str) -> dict:
+    return _unmeasured(claim, budget, data, scale, "not run at this scale",
+                       f"no setup at the {scale} scale in this lab (the claim has one at the "
+                       f"{' and '.join(claim.scales)} scale"
+                       f"{'s' if len(claim.scales) > 1 else ''})", [])
+
+
+def _unmeasured(claim, budget, data, scale, verdict, reason, missing) -> dict:
+    return {**_claim_text(claim, scale), "budget": budget.name,
+            "budget_detail": _budget_dict(budget), "data": data, "missing": missing,
+            "measured": None, "verdict": verdict, "decisive": False, "effects": [],
+            "reason": reason, "takeaway": "", "error": None, "traceback": None, "plots": [],
+            "plot_error": None,
             "seconds": 0.0, "cpu_seconds": 0.0, "runs_done": 0, "runs_reused": 0,
             "run_files": [], "warnings": []}
 
@@ -417,10 +435,13 @@ def _machine() -> dict:
             "normlab": __version__}
 
 
-def _default_command(budget: Budget, claims, data, out_dir, workers, grid) -> str:
+def _default_command(budget: Budget, claims, data, out_dir, workers, grid,
+                     scale: str = "small", data_dir: str | None = None) -> str:
     parts = ["normlab", "study"]
     if budget.name in ("quick", "full"):
         parts.append(f"--{budget.name}")
+    if scale != "small":
+        parts += ["--scale", scale, "--data-dir", str(data_dir)]
     if claims:
         parts += ["--claims", *[c.id if isinstance(c, Claim) else str(c) for c in claims]]
     if data != "digits":
@@ -436,20 +457,29 @@ def _default_command(budget: Budget, claims, data, out_dir, workers, grid) -> st
     return text
 
 
-def _plan_jobs(found, budget, out, data, workers, grid, log, device):
-    """The claim jobs, the records of claims that are not available, and the grid job."""
+def _plan_jobs(found, budget, out, data, workers, grid, log, device, scale="small",
+               data_dir=None):
+    """The claim jobs, the records of claims that are not available or not run at this
+    scale, and the grid job (the grid has no setup but the small scale's)."""
     jobs, records = [], {}
     for f in found:
         missing = f.claim.missing_requirements()
-        if missing:
-            records[f.claim.id] = _not_available(f.claim, missing, budget, data)
-            atomic_write_json(out / "claims" / f"{f.claim.id}.json", records[f.claim.id])
+        if scale not in f.claim.scales:
+            records[f.claim.id] = _not_run(f.claim, budget, data, scale)
+            log(f"[{f.claim.number:2d}] {f.claim.id}: not run at this scale ({scale}; "
+                f"it has a setup at: {', '.join(f.claim.scales)})")
+        elif missing:
+            records[f.claim.id] = _not_available(f.claim, missing, budget, data, scale)
             log(f"[{f.claim.number:2d}] {f.claim.id}: not available (missing "
                 f"{', '.join(missing)})")
         else:
-            jobs.append(_ClaimJob(f, budget, out, data, workers, log, device))
+            jobs.append(_ClaimJob(f, budget, out, data, workers, log, device, scale, data_dir))
+            continue
+        atomic_write_json(out / "claims" / f"{f.claim.id}.json", records[f.claim.id])
     grid_job, gcfg = None, None
-    if grid:
+    if grid and scale != "small":
+        log(f"grid: not run at this scale ({scale}; the grid is a small-scale comparison)")
+    elif grid:
         gcfg = grid_config(budget)
         if isinstance(grid, dict):
             unknown = set(grid) - set(gcfg)
@@ -503,19 +533,21 @@ def _finish_claims(jobs, records, out, log):
 
 
 def _write_meta(out, budget, data, workers, found, grid, started, wall, counters, command,
-                executor, device):
+                executor, device, scale="small", data_dir=None, not_run=()):
     previous = read_json(out / "study.json")
     history = previous.get("history", []) if isinstance(previous, dict) else []
     history = (history + [{"started_at": started, "wall_seconds": wall, "budget": budget.name,
+                           "scale": scale,
                            "runs_done": counters["runs_done"],
                            "runs_reused": counters["runs_reused"]}])[-20:]
     from normlab import __version__
 
     meta = {
         "budget": budget.name, "budget_detail": _budget_dict(budget), "data": data,
+        "scale": scale, "data_dir": data_dir, "not_run_at_scale": list(not_run),
         "out_dir": str(out), "workers": workers, "executor": executor, "device": device,
         "start_method": start_method() if workers else "inline",
-        "claims": [f.claim.id for f in found], "grid": bool(grid),
+        "claims": [f.claim.id for f in found], "grid": bool(grid) and scale == "small",
         "started_at": started, "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
         "wall_seconds": wall, "runs_done": counters["runs_done"],
         "runs_reused": counters["runs_reused"], "history": history, "machine": _machine(),
@@ -539,6 +571,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: The files of CIFAR-10's python version, which the paper scale reads from --data-dir.
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def check_scale(scale: str, data_dir: str | os.PathLike | None) -> str | None:
+    """The absolute data folder of ``scale`` (None at the small scale); a ValueError of
+    one line where the scale is unknown, ``data_dir`` is missing at the paper scale or
+    holds no CIFAR-10 batches, or is given at the small scale."""
+    if scale not in SCALES:
+        raise ValueError(f"normlab study: --scale must be one of {', '.join(SCALES)}, "
+                         f"got {scale!r}")
+    if scale == "small":
+        if data_dir is not None:
+            raise ValueError("normlab study: --data-dir is read at --scale paper only; the "
+                             "small scale uses the embedded datasets (--data)")
+        return None
+    if data_dir is None:
+        raise ValueError("normlab study: --scale paper needs --data-dir DIR, the folder of "
+                         f"CIFAR-10's python batches ({', '.join(CIFAR10_FILES)})")
+    root = Path(data_dir).expanduser().resolve()
+    for folder in (root, root / "cifar-10-batches-py"):
+        if all((folder / name).is_file() for name in CIFAR10_FILES):
+            return str(root)
+    missing = [n for n in CIFAR10_FILES if not (root / n).is_file()]
+    raise ValueError(f"normlab study: --data-dir {data_dir} holds no CIFAR-10 python batches "
+                     f"(missing {', '.join(missing)}, there and in cifar-10-batches-py/)")
+
+
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"normlab study: --out {out} is a file, not a folder")
@@ -559,6 +619,8 @@ def run_study(
     executor: str = "local",
     ray_address: str | None = None,
     device: str = "cpu",
+    scale: str = "small",
+    data_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Run the claims and the comparison grid into ``out_dir`` and write the report.
 
@@ -583,6 +645,12 @@ def run_study(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA where torch sees a GPU): where
             the runs train. The device is part of every run's key, and runs on CUDA
             use torch's deterministic algorithms.
+        scale: ``"small"`` (every claim's setup, on the embedded datasets) or
+            ``"paper"`` (the papers' setups, ResNets on CIFAR-10, for the claims that
+            have one; the others are "not run at this scale", and so is the grid).
+        data_dir: at the paper scale, the folder of CIFAR-10's python batches (the
+            same path on every machine of a Ray cluster); it is part of the key of
+            every run that reads it.
 
     Returns:
         A summary: ``out_dir``, ``report`` (path of index.html), ``claims`` (the
@@ -591,9 +659,11 @@ def run_study(
 
     Raises:
         StudyLocked: another study is writing ``out_dir``.
-        ValueError: a bad argument, or ``out_dir`` is a file or not writable.
+        ValueError: a bad argument, ``out_dir`` is a file or not writable, or
+            ``data_dir`` holds no CIFAR-10 batches at the paper scale.
     """
     budget = _budget_of(budget)
+    data_dir = check_scale(scale, data_dir)
     device = resolve_device(device)
     if workers < 0:
         raise ValueError(f"normlab study: workers must be >= 0, got {workers}")
@@ -607,7 +677,7 @@ def run_study(
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return _run_locked(out, budget, found, claims, data, workers, grid, log, command,
-                               executor, ray_address, device)
+                               executor, ray_address, device, scale, data_dir)
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
@@ -620,14 +690,15 @@ def _in_main_thread() -> bool:
 
 
 def _run_locked(out, budget, found, claims, data, workers, grid, log, command, executor,
-                ray_address, device) -> dict:
+                ray_address, device, scale="small", data_dir=None) -> dict:
     t0 = time.perf_counter()
     started = _dt.datetime.now().isoformat(timespec="seconds")
     plan = workers > 0 or executor != "local"
     jobs, records, grid_job, gcfg = _plan_jobs(found, budget, out, data, plan, grid, log,
-                                               device)
-    log(f"normlab study: {len(jobs)} claim(s), {'a grid, ' if grid_job else ''}budget "
-        f"{budget.name} ({budget.seeds} seeds), "
+                                               device, scale, data_dir)
+    log(f"normlab study: {len(jobs)} claim(s), {'a grid, ' if grid_job else ''}scale {scale}"
+        f"{f' (data {data_dir})' if data_dir else ''}, budget {budget.name} "
+        f"({budget.seeds} seeds), "
         f"{workers} worker(s) ({executor}), device {device}; code {code_hash()[:12]}")
     all_jobs = jobs + ([grid_job] if grid_job else [])
     execute_jobs(all_jobs, workers, out / "runs", on_run=_progress(jobs, grid_job, log, t0),
@@ -643,9 +714,11 @@ def _run_locked(out, budget, found, claims, data, workers, grid, log, command, e
                 "runs_reused": sum(max(0, len(j.ctx.run_files) - j.runs_done)
                                    for j in all_jobs)}
     wall = round(time.perf_counter() - t0, 1)
+    not_run = [r["id"] for r in records.values() if r["verdict"] == "not run at this scale"]
     _write_meta(out, budget, data, workers, found, grid, started, wall, counters,
-                command or _default_command(budget, claims, data, out, workers, grid),
-                executor, device)
+                command or _default_command(budget, claims, data, out, workers, grid, scale,
+                                            data_dir),
+                executor, device, scale, data_dir, not_run)
     report_path = write_report(out, claims={f.claim.id: f.claim for f in found}, log=log)
     ordered = sorted(records.values(), key=lambda r: r["number"])
     warns = sorted({w for r in ordered for w in r.get("warnings", [])})

@@ -37,7 +37,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainResult", "train", "evaluate", "batch_indices", "lr_at"]
+__all__ = ["TrainResult", "train", "evaluate", "batch_indices", "lr_at", "crop_flip",
+           "AUGMENTATIONS"]
+
+#: What ``train(augment=...)`` accepts besides None.
+AUGMENTATIONS = ("crop_flip",)
 
 
 @dataclass
@@ -148,6 +152,48 @@ def lr_at(step: int, steps: int, lr: float, schedule: str = "constant",
         t = min(max(step - warmup_steps, 0), span) / span
         return lr * 0.5 * (1.0 + math.cos(math.pi * t))
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
+def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    r"""The standard CIFAR augmentation (He et al. 2016): pad each image with ``pad``
+    zeros on every side, crop it back to its size at a random offset and flip it
+    left-right with probability 1/2.
+
+    For image :math:`n` with offsets :math:`a_n, b_n` drawn uniformly from
+    :math:`\{0, \dots, 2\,\mathrm{pad}\}` and a flip :math:`f_n \in \{0, 1\}`, and
+    :math:`\tilde x` the zero-padded batch,
+
+    .. math::
+        y_{n,c,i,j} = \tilde x_{n,\,c,\,i + a_n,\,j'_n + b_n}, \qquad
+        j'_n = \begin{cases} W - 1 - j & f_n = 1 \\ j & f_n = 0. \end{cases}
+
+    Args:
+        x: a batch of images.
+        generator: the CPU generator the offsets and flips are drawn from (so the
+            augmentation is reproducible and leaves the global RNG alone).
+        pad: the padding, in pixels. Default: 4.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)`.
+        - Output: :math:`(N, C, H, W)`, on the device of the input.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"crop_flip: expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"crop_flip: pad must be an int >= 0, got {pad!r}")
+    n, _, h, w = x.shape
+    dev = x.device
+    a = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    b = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    flip = torch.randint(0, 2, (n,), generator=generator).bool().to(dev)
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = a[:, None] + torch.arange(h, device=dev)
+    j = torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], w - 1 - j, j) + b[:, None]
+    # One gather for the whole batch: advanced indices around the channel slice put the
+    # (N, H, W) index dimensions first, so channels come last and are moved back.
+    out = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -273,6 +319,20 @@ def _batch_accuracy(out: Tensor, y: Tensor) -> float:
 # --------------------------------------------------------------------------- the loop
 
 
+def _augmenter(augment: str | None, x_train, seed: int) -> torch.Generator | None:
+    """The generator of ``train(augment=...)``'s draws, or None without augmentation."""
+    if augment is None:
+        return None
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"train: augment must be None or one of {list(AUGMENTATIONS)}, "
+                         f"got {augment!r}")
+    if x_train.dim() != 4:
+        raise ValueError(f"train: augment={augment!r} needs images (N, C, H, W), got "
+                         f"training inputs of shape {tuple(x_train.shape)}")
+    # Offset from seed: the batch order's generator is seeded with seed itself.
+    return torch.Generator().manual_seed(int(seed) + 1_000_003)
+
+
 def train(
     model: nn.Module,
     x_train,
@@ -305,6 +365,7 @@ def train(
     config: dict | None = None,
     scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
     accuracy: bool = True,
+    augment: str | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on mini-batches of ``(x_train,
     y_train)`` and evaluate it on ``(x_test, y_test)``.
@@ -343,6 +404,10 @@ def train(
         accuracy: False for a regression model (outputs are no class logits, e.g. with
             ``loss_fn=mse_loss``): no training or test accuracy is computed (None in the
             curve and the result); losses and divergence work as for classification.
+        augment: None (default) or ``"crop_flip"``: every training batch goes through
+            :func:`crop_flip` (4-pixel padding), drawn from a generator of its own
+            seeded by ``seed``, so the batch order and dropout draw what they would
+            without it. Needs images ``(N, C, H, W)``.
 
     Returns:
         A :class:`TrainResult`.
@@ -369,6 +434,7 @@ def train(
     eval_every = eval_every or max(steps // 10, 1)
     device = torch.device(device)
     lr_at(0, steps, lr, schedule, warmup_steps)  # validates the schedule name
+    aug_gen = _augmenter(augment, x_train, seed)
 
     t_start = time.perf_counter()
     model.to(device)
@@ -390,7 +456,8 @@ def train(
         "clip_grad_norm": clip_grad_norm,
         "seed": seed, "eval_every": eval_every, "log_every": log_every,
         "device": str(device), "world_size": world_size, "num_train": int(len(x_train)),
-        "num_test": int(len(x_test)) if x_test is not None else 0, **(config or {}),
+        "num_test": int(len(x_test)) if x_test is not None else 0, "augment": augment,
+        **(config or {}),
     }
     batches = batch_indices(len(x_train), batch_size, seed, rank, world_size)
     bar = _Progress(progress if rank == 0 else False, steps, desc, batch_size * world_size)
@@ -413,6 +480,8 @@ def train(
                 t0 = time.perf_counter()
                 idx = next(batches).to(device)
                 xb, yb = x_train[idx], y_train[idx]
+                if aug_gen is not None:
+                    xb = crop_flip(xb, aug_gen)
                 out = model(xb)
                 loss = loss_fn(out, yb)
                 loss_value = float(loss.detach())

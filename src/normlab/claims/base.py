@@ -32,6 +32,7 @@ from normlab.claims.protocol import Effect
 
 __all__ = [
     "VERDICTS",
+    "SCALES",
     "Budget",
     "BUDGETS",
     "Claim",
@@ -43,11 +44,16 @@ __all__ = [
 ]
 
 #: The possible verdicts. "not testable at this scale" is for a claim whose premise does
-#: not hold at the lab's scale; "not available" for a claim whose layers have not landed.
+#: not hold at the lab's scale; "not available" for a claim whose layers have not landed;
+#: "not run at this scale" for a claim with no setup at the study's scale (``--scale``).
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable at this scale",
-            "not available")
+            "not available", "not run at this scale")
 #: The verdicts a measurement can give.
 MEASURED_VERDICTS = VERDICTS[:4]
+#: The scales of a study, separate from its budget: "small" runs every claim's setup on
+#: the embedded datasets (2 CPU cores); "paper" runs the papers' setups (ResNets on
+#: CIFAR-10 read from a folder) where a claim has one, sized for one GPU in hours.
+SCALES = ("small", "paper")
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,10 @@ class Claim:
             "not available" instead of an error.
         plot: optional ``plot(measured, out_dir) -> list[str]``, writes PNG files into
             ``out_dir`` and returns their file names.
+        scales: the study scales (:data:`SCALES`) ``measure`` has a setup for; it reads
+            ``ctx.scale`` to pick one. At another scale the claim is "not run at this
+            scale".
+        paper_setup: the setup at the "paper" scale, in words (as ``setup``).
     """
 
     number: int
@@ -142,6 +152,12 @@ class Claim:
     criterion: str = ""
     requires: tuple[str, ...] = ()
     plot: Callable[[dict, Path], list[str]] | None = None
+    scales: tuple[str, ...] = ("small",)
+    paper_setup: str = ""
+
+    def setup_at(self, scale: str) -> str:
+        """The setup in words at ``scale``."""
+        return self.paper_setup if scale == "paper" and self.paper_setup else self.setup
 
     def criterion_text(self) -> str:
         """The decision rule in words: each effect with its side of its threshold."""
@@ -392,6 +408,11 @@ class RunContext:
             True (the study driver): :meth:`map` raises :class:`PendingRuns` listing
             the missing runs of the call, for the driver to compute in parallel.
         device: where the runs train (``"cpu"`` or ``"cuda"``); part of each run's key.
+        scale: the study's scale (:data:`SCALES`); a claim picks its setup by it.
+        data_dir: the folder of the datasets read from disk at the "paper" scale
+            (CIFAR-10's python batches); None at the small scale. A claim passes it to
+            its run functions (``train_run(data_dir=...)``), so it is part of every such
+            run's key and paper-scale runs never share a key with small-scale ones.
     """
 
     claim_id: str
@@ -401,6 +422,8 @@ class RunContext:
     data: str = "digits"
     plan: bool = False
     device: str = "cpu"
+    scale: str = "small"
+    data_dir: str | None = None
     runs_done: int = 0
     runs_reused: int = 0
     run_files: set = field(default_factory=set)

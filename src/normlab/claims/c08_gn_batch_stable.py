@@ -21,6 +21,20 @@ MIN_STEPS = 600
 #: GN's accuracy may move by less than this between batch 32 and batch 2 (points).
 STABLE_MARGIN = 2.0
 
+# The "paper" scale (``normlab study --scale paper --data-dir DIR``): Wu & He's
+# comparison moved from ResNet-50 on ImageNet to the CIFAR ResNet of He et al. (2016),
+# with its recipe, sized for a few GPU-hours.
+PAPER_DATA = "cifar10"
+#: ResNet-20 (``normlab.models.resnet``: 6 * depth + 2 layers, widths 16/32/64).
+PAPER_MODEL = "resnet"
+PAPER_MODEL_KWARGS = {"width": 16, "depth": 3}
+#: He et al.'s CIFAR rate 0.1 at batch 128, scaled linearly to each batch (Goyal et al.
+#: 2017, the rule Wu & He use for their batch sweep): 0.025 at 32, 0.0015625 at 2.
+PAPER_BASE_LR, PAPER_BASE_BATCH = 0.1, 128
+PAPER_EPOCHS = 10.0
+PAPER_TRAIN = {"momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
+               "augment": "crop_flip"}
+
 
 def _steps(ctx: RunContext, batch: int, num_train: int) -> int:
     steps = max(MIN_STEPS, round(EPOCHS * num_train / batch))
@@ -37,9 +51,48 @@ def _kwargs(ctx, norm, batch, num_train):
     return make
 
 
+def _paper_kwargs(ctx: RunContext, norm: str, batch: int, num_train: int, seed: int) -> dict:
+    steps = ctx.budget.steps(round(PAPER_EPOCHS * num_train / batch))
+    lr = float(f"{PAPER_BASE_LR * batch / PAPER_BASE_BATCH:.6g}")
+    return {"model": PAPER_MODEL, "norm": norm, "data": PAPER_DATA, "data_dir": ctx.data_dir,
+            "batch_size": batch, "lr": lr, "steps": steps, "seed": seed,
+            "model_kwargs": PAPER_MODEL_KWARGS,
+            "train_kwargs": {**PAPER_TRAIN, "eval_every": steps,
+                             "log_every": max(1, steps // 200)}}
+
+
+def measure_paper(ctx: RunContext) -> dict:
+    """The paper-scale measurement: the four arms at fixed, linearly scaled rates (no
+    selection, as in the paper), every seed in one batch of runs."""
+    from normlab.claims.design import split
+
+    num_train = split(PAPER_DATA, 0, data_dir=ctx.data_dir)[0].num_train
+    seeds = ctx.seeds
+    arms = [(norm, batch) for norm in NORMS for batch in (SMALL, LARGE)]
+    kwargs = [_paper_kwargs(ctx, n, b, num_train, s) for n, b in arms for s in seeds]
+    runs = ctx.map(train_run, kwargs)
+    acc, lrs = {}, {}
+    for i, (norm, batch) in enumerate(arms):
+        chunk = runs[i * len(seeds):(i + 1) * len(seeds)]
+        acc[f"{norm}_b{batch}"] = [points(accuracy_or_chance(r)) for r in chunk]
+        lrs[f"{norm}_b{batch}"] = kwargs[i * len(seeds)]["lr"]
+    return {"effects": _effects(acc), "acc": acc, "lr": lrs, "seeds": seeds,
+            "steps": {str(b): _paper_kwargs(ctx, "gn", b, num_train, 0)["steps"]
+                      for b in (SMALL, LARGE)},
+            "label": "ResNet-20 on CIFAR-10 (fixed rates, linear rule)"}
+
+
+def _effects(acc: dict) -> dict:
+    gap = [g - b for g, b in zip(acc[f"gn_b{SMALL}"], acc[f"bn_b{SMALL}"], strict=True)]
+    gn_change = [s - lg for s, lg in zip(acc[f"gn_b{SMALL}"], acc[f"gn_b{LARGE}"], strict=True)]
+    return {"gap_small": gap, "gn_change": gn_change}
+
+
 def measure(ctx: RunContext) -> dict:
     from normlab.claims.design import split
 
+    if ctx.scale == "paper":
+        return measure_paper(ctx)
     num_train = split(DATA, 0)[0].num_train
     seeds = ctx.seeds
     chosen, acc = {}, {}
@@ -52,10 +105,7 @@ def measure(ctx: RunContext) -> dict:
             name = f"{norm}_b{batch}"
             chosen[name] = sel
             acc[name] = [points(accuracy_or_chance(r)) for r in runs]
-    gap = [g - b for g, b in zip(acc[f"gn_b{SMALL}"], acc[f"bn_b{SMALL}"], strict=True)]
-    gn_change = [s - lg for s, lg in zip(acc[f"gn_b{SMALL}"], acc[f"gn_b{LARGE}"], strict=True)]
-    return {"effects": {"gap_small": gap, "gn_change": gn_change},
-            "acc": acc, "lr": chosen, "seeds": seeds,
+    return {"effects": _effects(acc), "acc": acc, "lr": chosen, "seeds": seeds,
             "steps": {str(b): _steps(ctx, b, num_train) for b in (SMALL, LARGE)}}
 
 
@@ -77,7 +127,8 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax.set_xticks([0, 1])
     ax.set_xticklabels([f"batch {SMALL}", f"batch {LARGE}"])
     ax.set_ylabel("test accuracy (%), one dot per seed")
-    ax.set_title(f"GN vs BN, CNN on {DATA} (lr chosen per arm on validation)")
+    label = m.get("label", f"CNN on {DATA}, lr chosen per arm on validation")
+    ax.set_title(f"GN vs BN, {label}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     return save_plot(fig, out_dir, "gn_batch_stable_acc_vs_batch.png")
@@ -127,4 +178,20 @@ CLAIM = Claim(
                 "than in an ImageNet ResNet's late stages."),
     requires=("normlab.nn.GroupNorm", "normlab.nn.BatchNorm"),
     plot=plot,
+    scales=("small", "paper"),
+    paper_setup=("ResNet-20 (normlab.models.resnet, depth 3, widths 16/32/64) on CIFAR-10 "
+                 "read from --data-dir: the official test set, and a stratified fifth of "
+                 "the 50,000 training images, drawn by the seed, held out for validation "
+                 "(reported only), leaving 40,000 to train on. GN (at most 32 groups, at "
+                 f"least 2 channels a group) and BN at batch {SMALL} and {LARGE} on one "
+                 f"device; every arm {PAPER_EPOCHS:g} epochs (200,000 steps at batch "
+                 f"{SMALL}, 12,500 at {LARGE}), SGD with momentum 0.9, weight decay 1e-4 on "
+                 "every parameter, a cosine schedule from He et al.'s rate 0.1 at batch 128 "
+                 f"scaled linearly to the batch (0.0015625 at {SMALL}, 0.025 at {LARGE}; no "
+                 "rate selection, as in the paper), random crops with 4-pixel padding and "
+                 "horizontal flips. The budget's seeds (5 by default, 10 with --full); "
+                 "each seed draws its validation part, initial weights, batch order and "
+                 "augmentation, shared by the four arms. About 3 GPU-hours one run at a "
+                 "time by an estimate of 5 ms a step (not measured on a GPU), less with "
+                 "several --workers sharing the GPU."),
 )

@@ -67,18 +67,21 @@ def on_device(device: str):
         _DEVICE.pop()
 
 
-def split(data: str, seed: int, val_fraction: float = VAL_FRACTION):
+def split(data: str, seed: int, val_fraction: float = VAL_FRACTION,
+          data_dir: str | None = None):
     """``(fit, val)``: the dataset ``data`` with the train/test split of ``seed``, where
     ``fit`` is a :class:`normlab.data.Dataset` holding the training part minus a
     stratified validation part (its test set is the seed's test set) and ``val`` is the
-    pair ``(x_val, y_val)``. Loaded once per process."""
-    key = (data, int(seed), float(val_fraction))
+    pair ``(x_val, y_val)``. A dataset read from a folder (``data="cifar10"``,
+    ``data_dir=FOLDER``) keeps its official train/test split; only the validation part
+    is drawn by the seed. Loaded once per process."""
+    key = (data, int(seed), float(val_fraction), None if data_dir is None else str(data_dir))
     if key not in _CACHE:
         import dataclasses
 
         from normlab import data as data_mod
 
-        ds = data_mod.load(data, seed=int(seed))
+        ds = data_mod.load(data, seed=int(seed), root=data_dir)
         fit_idx, val_idx = data_mod.stratified_split(ds.y_train.numpy(), val_fraction,
                                                      seed=10_000 + int(seed))
         fit = dataclasses.replace(ds, x_train=ds.x_train[fit_idx], y_train=ds.y_train[fit_idx])
@@ -89,9 +92,10 @@ def split(data: str, seed: int, val_fraction: float = VAL_FRACTION):
 def train_run(*, model: str = "cnn", norm: str = "bn", data: str = "digits",
               batch_size: int = 32, lr: float = 0.05, steps: int = 200, seed: int = 0,
               model_kwargs: Mapping | None = None, train_kwargs: Mapping | None = None,
-              curve: bool = False) -> dict:
+              curve: bool = False, data_dir: str | None = None) -> dict:
     """Build ``normlab.models.build(model, ..., norm=norm, **model_kwargs)`` with
-    ``torch.manual_seed(seed)``, train it on the seed's fit split with
+    ``torch.manual_seed(seed)``, train it on the seed's fit split (of ``data`` read from
+    ``data_dir`` where it is a folder format, see :func:`split`) with
     :func:`normlab.train.train` (``train_kwargs`` pass through) and return the
     training result with the final validation accuracy and loss added (``val_acc``,
     ``val_loss``; ``None`` when the run diverged). ``curve=False`` drops the per-step
@@ -101,7 +105,7 @@ def train_run(*, model: str = "cnn", norm: str = "bn", data: str = "digits",
     from normlab import models
     from normlab.train import evaluate, train
 
-    fit, (x_val, y_val) = split(data, seed)
+    fit, (x_val, y_val) = split(data, seed, data_dir=data_dir)
     device = current_device()
     torch.manual_seed(seed)
     net = models.build(model, fit.in_shape, fit.num_classes, norm=norm, **dict(model_kwargs or {}))
