@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from normlab import nn as nlnn
+from normlab.nn.base import _check_num_channels
 
 __all__ = ["NormSpec", "register_norm", "create_norm", "list_norms", "get_norm_spec"]
 
@@ -98,6 +99,7 @@ def list_norms(with_aliases: bool = False) -> list[str] | dict[str, tuple[str, .
 
 
 def _group_norm(num_channels: int, num_groups: int | None = None, **kwargs) -> nn.Module:
+    _check_num_channels("GroupNorm", num_channels)  # before choose_num_groups uses it
     if num_groups is None:
         num_groups = nlnn.choose_num_groups(num_channels)
     return nlnn.GroupNorm(num_channels, num_groups, **kwargs)

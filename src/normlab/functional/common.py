@@ -197,7 +197,10 @@ def update_running_(
         batch_value = batch_value.detach().to(running.dtype)
         # Common case first, in two small ops: a finite sum means every entry is finite
         # (a sum that overflows only sends us to the careful path below).
-        if not torch.compiler.is_compiling() and math.isfinite(float(batch_value.sum())):
+        # On the meta device (shape inference) there are no values to check.
+        if (running.device.type == "meta" or batch_value.device.type == "meta"
+                or (not torch.compiler.is_compiling()
+                    and math.isfinite(float(batch_value.sum())))):
             running.lerp_(batch_value, factor)
             return
         finite = torch.isfinite(batch_value)

@@ -316,6 +316,13 @@ def attentive_norm(
     both global over the ranks). The attention's instance moments stay per sample.
     """
     n, c = x.shape[:2]
+    if norm == "batch" and training and moments_fn is None and n == 1:
+        # Checked here, before the running statistics of x-hat are updated, so that a
+        # refused call changes nothing (attention_weights repeats the check).
+        raise ValueError(
+            f"{name}: the batch-normalised attention needs more than 1 sample in "
+            "training, got N=1; use norm='group'"
+        )
     xr = _flat(x)
     mu_in, var_in = instance_moments_fast(xr)  # native fast path, see its docstring
     if norm == "batch":

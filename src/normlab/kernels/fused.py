@@ -216,7 +216,10 @@ def batch_norm(
         y = _default_batch_norm(x, running_mean, running_var, weight, bias, False, momentum,
                                 eps, name=name)
         return _apply_act(y, act, negative_slope)
-    keep_output = save_memory and (weight is None or not bool((weight == 0).any()))
+    # An empty batch (as torch.nn, an empty output) and the meta device (shapes only)
+    # take the default path: nothing to save, no weight values to look at.
+    keep_output = (save_memory and x.numel() > 0 and x.device.type != "meta"
+                   and (weight is None or not bool((weight == 0).any())))
     layout = _layout(x) if x.dim() >= 2 and x.numel() > 0 else None
     kernel = (fused and layout is not None and x.device.type == "cpu" and x.dtype in _DTYPES
               and all(t is None or t.dtype == torch.float32 for t in (weight, bias)))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as NF
+from normlab.nn._checks import check_number, empty_output
 
 __all__ = ["NormBase", "Identity"]
 
@@ -35,6 +36,9 @@ class NormBase(nn.Module):
     call; the default momentum compiles without one).
     """
 
+    #: Whether ``eps=None`` means something (RMSNorm: the input dtype's epsilon).
+    _eps_may_be_none = False
+
     def __init__(
         self,
         num_channels: int,
@@ -48,13 +52,11 @@ class NormBase(nn.Module):
     ) -> None:
         super().__init__()
         self.num_channels = _check_num_channels(type(self).__name__, num_channels)
-        if eps is not None and eps < 0:
-            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"{type(self).__name__}: momentum must be in [0, 1] (weight of the new batch) "
-                f"or None (cumulative average), got {momentum}"
-            )
+        owner = f"{type(self).__name__}({num_channels})"
+        eps = check_number(owner, "eps", eps, low=0.0, allow_none=self._eps_may_be_none)
+        momentum = check_number(owner, "momentum (the weight of the new batch; None: "
+                                "cumulative average)", momentum, low=0.0, high=1.0,
+                                allow_none=True)
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
@@ -113,11 +115,23 @@ class NormBase(nn.Module):
         batch counting as number ``num_batches_tracked + 1``. Call :meth:`_count_batch`
         once the batch has been accepted, so that a rejected batch changes nothing."""
         if self.momentum is None:
+            if self.num_batches_tracked.device.type == "meta":
+                return 1.0  # shape inference: no counter value, and none needed
             return 1.0 / (float(self.num_batches_tracked) + 1.0)
         return self.momentum
 
     def _count_batch(self) -> None:
         self.num_batches_tracked.add_(1)
+
+    def _empty_batch(self, x: Tensor) -> Tensor:
+        """The output for an input with no elements (N = 0 or an empty trailing
+        dimension), as torch.nn.BatchNorm2d gives it: an empty tensor of the input's
+        shape, zero gradients for the parameters, the running statistics unchanged and,
+        in training, the batch counted in ``num_batches_tracked`` (torch 2.13 counts it
+        too, so the counters of the two stay equal)."""
+        if self.training and self.track_running_stats:
+            self._count_batch()
+        return empty_output(x, *self.parameters(recurse=False))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before num_batches_tracked existed (torch.nn version 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab import functional as NF
+from normlab.nn._checks import check_number
 from normlab.nn.base import NormBase
 from normlab.nn.sync_stats import moments_fn_for
 
@@ -113,6 +114,7 @@ class BatchNorm(NormBase):
         if activation not in (None, "relu", "leaky_relu"):
             raise ValueError(f"{self.layer_name}: activation must be None, 'relu' or "
                              f"'leaky_relu', got {activation!r}")
+        negative_slope = check_number(self.layer_name, "negative_slope", negative_slope)
         if save_memory and (activation == "relu" or negative_slope <= 0):
             raise ValueError(f"{self.layer_name}: save_memory needs an invertible activation "
                              f"(None, or 'leaky_relu' with negative_slope > 0), got "
@@ -242,10 +244,8 @@ class BatchRenorm(NormBase):
         name = f"BatchRenorm({num_channels})"
         if momentum is None:
             raise ValueError(f"{name}: momentum must be a number in (0, 1], got None")
-        if r_max < 1:
-            raise ValueError(f"{name}: r_max must be >= 1, got {r_max}")
-        if d_max < 0:
-            raise ValueError(f"{name}: d_max must be >= 0, got {d_max}")
+        r_max = check_number(name, "r_max", r_max, low=1.0, allow_inf=True)
+        d_max = check_number(name, "d_max", d_max, low=0.0, allow_inf=True)
         if warmup == "paper":
             warmup = PAPER_RENORM_WARMUP
         if warmup is not None and (len(warmup) != 3 or not all(int(s) >= 0 for s in warmup)):
@@ -261,6 +261,8 @@ class BatchRenorm(NormBase):
     def current_limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` that the next training step will use."""
         if self.warmup is None:  # no int() of the step counter: no host sync, no graph break
+            return self.r_max, self.d_max
+        if self.num_batches_tracked.device.type == "meta":  # shape inference: no step value
             return self.r_max, self.d_max
         return NF.renorm_limits(int(self.num_batches_tracked), self.r_max, self.d_max, self.warmup)
 

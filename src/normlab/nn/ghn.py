@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab.nn._checks import check_float_tensor, check_number, same_dtype_check
+
 __all__ = ["fuzzy_xor", "generalized_hamming_distance", "GHNLinear", "GHNConv2d",
            "DoubleThreshold"]
 
@@ -83,11 +85,13 @@ class GHNLinear(nn.Linear):
         self.normalized = bool(normalized)
 
     def forward(self, x: Tensor) -> Tensor:
+        name = f"GHNLinear({self.in_features}, {self.out_features})"
+        check_float_tensor(name, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"GHNLinear({self.in_features}, {self.out_features}): expected input of shape "
-                f"(*, {self.in_features}), got {tuple(x.shape)}"
+                f"{name}: expected input of shape (*, {self.in_features}), got {tuple(x.shape)}"
             )
+        same_dtype_check(name, x, self.weight)
         w = self.weight
         h = F.linear(x, w) - 0.5 * w.sum(1) - 0.5 * x.sum(-1, keepdim=True)
         if self.normalized:
@@ -149,11 +153,14 @@ class GHNConv2d(nn.Conv2d):
         return self.weight[0].numel()
 
     def forward(self, x: Tensor) -> Tensor:
+        name = f"GHNConv2d({self.in_channels}, {self.out_channels})"
+        check_float_tensor(name, x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"GHNConv2d({self.in_channels}, {self.out_channels}): expected input of shape "
-                f"(N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"{name}: expected input of shape (N, {self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
             )
+        same_dtype_check(name, x, self.weight)
         w = self.weight
         wx = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
         ones = x.new_ones(self.groups, self.in_channels // self.groups, *self.kernel_size)
@@ -205,11 +212,10 @@ class DoubleThreshold(nn.Module):
         if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"DoubleThreshold: num_channels must be a positive int, "
                              f"got {num_channels!r}")
-        if alpha <= 0:
-            raise ValueError(f"DoubleThreshold({num_channels}): alpha must be > 0, got {alpha}")
+        name = f"DoubleThreshold({num_channels})"
+        self.alpha = check_number(name, "alpha", alpha, low=0.0, low_open=True)
+        self.r_init = check_number(name, "r_init", r_init)
         self.num_channels = num_channels
-        self.alpha = float(alpha)
-        self.r_init = float(r_init)
         self.r = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -218,6 +224,7 @@ class DoubleThreshold(nn.Module):
         nn.init.constant_(self.r, self.r_init)
 
     def forward(self, h: Tensor) -> Tensor:
+        check_float_tensor(f"DoubleThreshold({self.num_channels})", h)
         if h.dim() < 2 or h.shape[1] != self.num_channels:
             raise ValueError(
                 f"DoubleThreshold({self.num_channels}): expected input of shape "

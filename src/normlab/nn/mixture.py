@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional import mixture as FM
+from normlab.nn._checks import check_int, check_number
 from normlab.nn.base import NormBase
 from normlab.nn.per_sample import choose_num_groups
 from normlab.nn.sync_stats import moments_fn_for
@@ -146,6 +147,8 @@ class SwitchableNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
         y = FM.switchable_norm(
@@ -277,7 +280,8 @@ class AttentiveNorm(NormBase):
         if norm == "group" and isinstance(num_channels, int) and num_channels > 0:
             if num_groups is None:
                 num_groups = choose_num_groups(num_channels)
-            if num_groups < 1 or num_channels % num_groups:
+            num_groups = check_int(name, "num_groups", num_groups)
+            if num_channels % num_groups:
                 raise ValueError(
                     f"{name}: num_groups={num_groups} does not divide num_channels="
                     f"{num_channels}"
@@ -285,7 +289,7 @@ class AttentiveNorm(NormBase):
         self.num_components = num_components
         self.norm = norm
         self.num_groups = num_groups if norm == "group" else None
-        self.attention_eps = float(attention_eps)
+        self.attention_eps = check_number(name, "attention_eps", attention_eps, low=0.0)
         self.last_gamma = bool(last_gamma)
         super().__init__(
             num_channels, eps, momentum, False, track_running_stats and norm == "batch",
@@ -343,6 +347,8 @@ class AttentiveNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
         y = FM.attentive_norm(

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional import online as FO
+from normlab.nn._checks import check_number
 from normlab.nn.base import NormBase
 
 __all__ = ["OnlineNorm"]
@@ -110,15 +111,15 @@ class OnlineNorm(NormBase):
         fused: bool = False,
     ) -> None:
         name = f"OnlineNorm({num_channels})"
-        for label, alpha in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"{name}: {label} must be in [0, 1], got {alpha}")
+        alpha_fwd = check_number(name, "alpha_fwd", alpha_fwd, low=0.0, high=1.0)
+        alpha_bkw = check_number(name, "alpha_bkw", alpha_bkw, low=0.0, high=1.0)
+        ls_eps = check_number(name, "ls_eps", ls_eps, low=0.0)
         if isinstance(ecm, str) and ecm.lower() == "none":
             ecm = None
         if ecm is not None and (not isinstance(ecm, str) or ecm.lower() not in _ECMS):
             raise ValueError(f"{name}: ecm must be 'ls', 'ac' or None, got {ecm!r}")
-        if clamp_value <= 0:
-            raise ValueError(f"{name}: clamp_value must be > 0, got {clamp_value}")
+        clamp_value = check_number(name, "clamp_value", clamp_value, low=0.0, low_open=True,
+                                   allow_inf=True)
         super().__init__(num_channels, eps, None, affine, True, device=device, dtype=dtype)
         self.alpha_fwd = float(alpha_fwd)
         self.alpha_bkw = float(alpha_bkw)
@@ -138,8 +139,15 @@ class OnlineNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
+        y = self._step(x)
         if self.training:
+            # Counted once the step has run, so that a refused call changes nothing.
             self.num_batches_tracked.add_(1)
+        return y
+
+    def _step(self, x: Tensor) -> Tensor:
         if self.fused and self.training and self.ecm != "ac":
             from normlab.kernels import online as kernel  # compiled lazily, only when asked
 

@@ -183,6 +183,8 @@ class RMSNorm(NormBase):
           of the same shape.
     """
 
+    _eps_may_be_none = True
+
     def __init__(self, num_channels, eps: float | None = None, affine: bool = True,
                  device=None, dtype=None, *, layout: str | None = None,
                  elementwise_affine: bool | None = None) -> None:

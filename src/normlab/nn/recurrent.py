@@ -46,6 +46,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from normlab import functional as NF
 from normlab import stats
+from normlab.nn._checks import check_number, empty_output
 
 __all__ = ["StepBatchNorm", "GateLayerNorm", "BNLSTM", "InputBNLSTM", "LNLSTM"]
 
@@ -55,11 +56,15 @@ DEFAULT_MAX_STEPS = 1000
 
 
 def _check_momentum(name: str, momentum: float | None) -> None:
-    if momentum is not None and not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"{name}: momentum must be in [0, 1] (weight of the new batch) or None "
-            f"(cumulative average), got {momentum}"
-        )
+    check_number(name, "momentum (the weight of the new batch; None: cumulative average)",
+                 momentum, low=0.0, high=1.0, allow_none=True)
+
+
+def _check_norm_args(name: str, eps, init_name: str, init) -> None:
+    """The norms' eps and initial gain, checked under the LSTM's name before the norms
+    are built (whose own checks would name only the norm)."""
+    check_number(name, "eps", eps, low=0.0)
+    check_number(name, init_name, init)
 
 
 def _check_positive_int(name: str, what: str, value) -> int:
@@ -144,8 +149,7 @@ class StepBatchNorm(nn.Module):
         if max_steps is not None:
             _check_positive_int(name, "max_steps", max_steps)
         _check_momentum(name, momentum)
-        if eps < 0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        _check_norm_args(name, eps, "weight_init", weight_init)
         self.max_steps = max_steps
         self.eps = eps
         self.momentum = momentum
@@ -342,6 +346,7 @@ class GateLayerNorm(nn.Module):
         self.groups = _check_positive_int(name, "groups", groups)
         if num_features % groups:
             raise ValueError(f"{name}: groups={groups} does not divide {num_features}")
+        _check_norm_args(name, eps, "weight_init", weight_init)
         self.eps = eps
         self.weight_init = float(weight_init)
         factory = {"device": device, "dtype": dtype}
@@ -385,8 +390,8 @@ class _LSTMBase(nn.Module):
         self.input_size = _check_positive_int(name, "input_size", input_size)
         self.hidden_size = _check_positive_int(name, "hidden_size", hidden_size)
         self.num_layers = _check_positive_int(name, "num_layers", num_layers)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        check_number(name, "dropout", dropout, low=0.0, high=1.0, high_open=True)
+        check_number(name, "forget_bias", forget_bias, allow_none=True)
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
@@ -490,6 +495,9 @@ class _LSTMBase(nn.Module):
             return None
         return None if bool(valid.all()) else valid
 
+    def _check_batch(self, n: int, valid: Tensor | None) -> None:
+        """Hook: refuse, before any statistic is updated, a batch the norms cannot use."""
+
     def _initial_state(self, hx, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = (self.num_layers, n, self.hidden_size)
         if hx is None:
@@ -535,6 +543,11 @@ class _LSTMBase(nn.Module):
         t, n = x.shape[:2]
         valid = self._valid_mask(lengths, mask, n, t, x.device)
         h0, c0 = self._initial_state(hx, n, x)
+        if n == 0 and not packed:
+            # An empty batch, as torch.nn.LSTM: an empty output, no statistic touched.
+            out = empty_output(x.new_zeros(t, 0, self.hidden_size), *self.parameters())
+            return (out.transpose(0, 1) if self.batch_first else out), (h0 * 1, c0 * 1)
+        self._check_batch(n, valid)
         if valid is not None:
             # Padding never reaches a statistic, a state or a gradient (not even NaN).
             x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -691,6 +704,7 @@ class BNLSTM(_LSTMBase):
                          forget_bias, normalize, device, dtype)
         _check_positive_int(self.layer_name, "max_steps", max_steps)
         _check_momentum(self.layer_name, momentum)
+        _check_norm_args(self.layer_name, eps, "gamma_init", gamma_init)
         self.max_steps = max_steps
         if normalize:
             h = hidden_size
@@ -703,6 +717,14 @@ class BNLSTM(_LSTMBase):
             self.norm_hh = nn.ModuleList(bn(4 * h, False) for _ in range(num_layers))
             self.norm_c = nn.ModuleList(bn(h, True) for _ in range(num_layers))
         self.reset_parameters()
+
+    def _check_batch(self, n: int, valid: Tensor | None) -> None:
+        if self.normalize and self.training and valid is None and n < 2:
+            raise ValueError(
+                f"{self.layer_name}: batch statistics need more than 1 value per channel and "
+                f"step, so training needs at least 2 sequences in the batch, got N={n}; use "
+                "eval() with running statistics"
+            )
 
     def _norm_input(self, k, xw, valid):
         return self.norm_ih[k](xw, 0, valid) if self.normalize else xw
@@ -797,6 +819,7 @@ class InputBNLSTM(_LSTMBase):
                 f"{self.layer_name}: statistics must be 'sequence' or 'frame', got {statistics!r}"
             )
         _check_momentum(self.layer_name, momentum)
+        _check_norm_args(self.layer_name, eps, "gamma_init", gamma_init)
         self.statistics = statistics
         steps = _check_positive_int(self.layer_name, "max_steps", max_steps)
         self.max_steps = steps if statistics == "frame" else None
@@ -871,6 +894,7 @@ class LNLSTM(_LSTMBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          forget_bias, normalize, device, dtype)
         self.per_gate = per_gate
+        _check_norm_args(self.layer_name, eps, "gamma_init", 1.0)
         if normalize:
             h, g = hidden_size, 4 if per_gate else 1
             kw = {"eps": eps, "device": device, "dtype": dtype}

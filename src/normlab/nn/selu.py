@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from normlab.nn._checks import check_float_tensor, check_number
+
 __all__ = [
     "ALPHA01",
     "LAMBDA01",
@@ -78,10 +80,11 @@ def alpha_dropout_affine(
         alpha_prime: the value of dropped units. Default: :data:`SELU_SATURATION`.
         mean, var: the fixed point :math:`(\mu, \nu)` to keep. Default: (0, 1).
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"alpha_dropout_affine: p must be in [0, 1), got {p}")
-    if var <= 0:
-        raise ValueError(f"alpha_dropout_affine: var must be > 0, got {var}")
+    name = "alpha_dropout_affine"
+    p = check_number(name, "p (drop probability)", p, low=0.0, high=1.0, high_open=True)
+    var = check_number(name, "var", var, low=0.0, low_open=True)
+    mean = check_number(name, "mean", mean)
+    alpha_prime = check_number(name, "alpha_prime", alpha_prime)
     q = 1.0 - p
     a = math.sqrt(var / (q * ((1.0 - q) * (alpha_prime - mean) ** 2 + var)))
     b = mean - a * (q * mean + (1.0 - q) * alpha_prime)
@@ -134,12 +137,11 @@ class SELU(nn.Module):
 
     def __init__(self, alpha: float = ALPHA01, scale: float = LAMBDA01) -> None:
         super().__init__()
-        if alpha <= 0 or scale <= 0:
-            raise ValueError(f"SELU: alpha and scale must be > 0, got alpha={alpha}, scale={scale}")
-        self.alpha = float(alpha)
-        self.scale = float(scale)
+        self.alpha = check_number("SELU", "alpha", alpha, low=0.0, low_open=True)
+        self.scale = check_number("SELU", "scale", scale, low=0.0, low_open=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_float_tensor("SELU", x)
         return selu(x, self.alpha, self.scale)
 
     def extra_repr(self) -> str:
@@ -190,20 +192,15 @@ class AlphaDropout(nn.Module):
         var: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"AlphaDropout: p (drop probability) must be in [0, 1), got {p!r}")
-        if var <= 0:
-            raise ValueError(f"AlphaDropout: var must be > 0, got {var}")
-        self.p = float(p)
-        self.alpha_prime = float(alpha_prime)
-        self.mean = float(mean)
-        self.var = float(var)
+        name = "AlphaDropout"
+        self.p = check_number(name, "p (drop probability)", p, low=0.0, high=1.0, high_open=True)
+        self.alpha_prime = check_number(name, "alpha_prime", alpha_prime)
+        self.mean = check_number(name, "mean", mean)
+        self.var = check_number(name, "var", var, low=0.0, low_open=True)
         self.a, self.b = alpha_dropout_affine(self.p, self.alpha_prime, self.mean, self.var)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            raise TypeError(f"AlphaDropout(p={self.p}): expected a floating-point input, "
-                            f"got {x.dtype}")
+        check_float_tensor(f"AlphaDropout(p={self.p})", x)
         return alpha_dropout(x, self.p, self.training, self.alpha_prime, self.mean, self.var)
 
     def extra_repr(self) -> str:
