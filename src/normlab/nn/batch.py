@@ -126,6 +126,8 @@ class BatchNorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:  # as torch.nn: an empty output, zero parameter gradients
+            return self._empty_batch(x)
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
         if mask is None and (self.fused or self.save_memory or self.activation is not None):
@@ -268,6 +270,8 @@ class BatchRenorm(NormBase):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0 and not (self.training and self.sync_batch_stats):
+            return self._empty_batch(x)  # synchronised, the ranks' collectives still run
         if not self.training:
             return NF.batch_renorm(
                 x, self.running_mean, self.running_var, self.weight, self.bias,

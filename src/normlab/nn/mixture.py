@@ -147,8 +147,8 @@ class SwitchableNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_batch(x)
+        if x.numel() == 0 and not (self.training and self.sync_batch_stats):
+            return self._empty_batch(x)  # synchronised, the ranks' collectives still run
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
         y = FM.switchable_norm(
@@ -347,8 +347,8 @@ class AttentiveNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_batch(x)
+        if x.numel() == 0 and not (self.training and self.sync_batch_stats):
+            return self._empty_batch(x)  # synchronised, the ranks' collectives still run
         counting = self.training and self.track_running_stats
         factor = self._momentum_factor() if counting else 0.0
         y = FM.attentive_norm(
