@@ -55,13 +55,57 @@ def _run_demo(args) -> int:
     return 0
 
 
+#: ``normlab train``'s exit status when the run diverged (a non-finite or exploding loss
+#: or gradient): the result is still printed and written, but scripts see the failure.
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _ArgumentError(ValueError):
+    """A bad command-line argument; the message names it."""
+
+
+def _check_writable_folder(flag: str, folder: str) -> None:
+    """Create and remove a file in ``folder``: the one test that a write will work
+    (os.access says yes to root on a read-only mount)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise _ArgumentError(f"{flag}: cannot write into folder {folder!r} "
+                             f"({e.strerror or e})") from None
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """``path`` can be written: not a folder, in an existing, writable folder. Checked
+    before training, so that a finished run's result is never lost to a bad path."""
+    import os
+
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise _ArgumentError(f"{flag}: {path!r} is a folder; give a file path")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise _ArgumentError(f"{flag}: folder {folder!r} (of {path!r}) does not exist")
+    _check_writable_folder(flag, folder)
+
+
 def _parse_kv(items: list[str] | None) -> dict:
     """``["num_groups=4", "eps=1e-3", "affine=false"]`` -> a dict of Python values."""
     out = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"normlab: expected KEY=VALUE, got {item!r}")
+            raise _ArgumentError(f"--norm-kw: expected KEY=VALUE, got {item!r}")
         low = text.strip().lower()
         if low in ("true", "false"):
             value = low == "true"
@@ -86,6 +130,9 @@ def _add_train(sub) -> None:
         description="Train one model (mlp, cnn, resnet, lstm) built with a normalization "
         "layer on a dataset (embedded: mnist5k, digits, mnist1d; or your own cifar10 / mnist "
         "folder with --data-dir), then print test accuracy, loss and speed.",
+        epilog="Exit status: 0 when the run finished, 2 for a bad argument (checked before "
+        f"training starts, output paths included), {EXIT_DIVERGED} when the run diverged "
+        "(the result is still printed and written).",
     )
     p.add_argument("--data", default="mnist5k",
                    help="mnist5k, digits, mnist1d, or cifar10 / mnist with --data-dir")
@@ -126,23 +173,76 @@ def _add_train(sub) -> None:
                    help="under torchrun, make batch statistics global over the processes "
                    "with normlab.nn.to_sync_batchnorm (default); --no-sync-bn keeps them "
                    "per process")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others in a "
+                   "collective (a rank that skipped a SyncBatchNorm call, or died) before "
+                   "it fails with an error; default %(default)s")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
+# (flag, attribute, check keywords): the numeric arguments of `normlab train`, checked
+# before any data is loaded (a negative --clip would train with the gradient reversed).
+_TRAIN_NUMBERS = [
+    ("--batch-size", "batch_size", {"integer": True, "low": 1}),
+    ("--steps", "steps", {"integer": True, "low": 1}),
+    ("--warmup", "warmup", {"integer": True, "low": 0}),
+    ("--eval-every", "eval_every", {"integer": True, "low": 1, "allow_none": True}),
+    ("--threads", "threads", {"integer": True, "low": 0}),
+    ("--width", "width", {"integer": True, "low": 1, "allow_none": True}),
+    ("--depth", "depth", {"integer": True, "low": 1, "allow_none": True}),
+    ("--lr", "lr", {"low": 0.0}),
+    ("--momentum", "momentum", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("--weight-decay", "weight_decay", {"low": 0.0}),
+    ("--clip", "clip", {"low": 0.0, "low_open": True, "allow_none": True}),
+    ("--dropout", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("--init-scale", "init_scale", {"low": 0.0, "low_open": True}),
+    ("--dist-timeout", "dist_timeout", {"low": 0.0, "low_open": True}),
+]
+
+
+def _check_train_args(args):
+    """Every argument of `normlab train` that can be checked without training, in
+    order; returns the torch.device. Raises _ArgumentError naming the argument."""
     import torch
 
-    from normlab import data, distributed, models
-    from normlab.train import train
+    from normlab.nn._checks import check_int, check_number
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    # Under torchrun every process runs this (normlab.distributed says how).
-    ddp_env = distributed.torchrun_env()
-    rank, world, _ = ddp_env or (0, 1, 0)
-    device = distributed.process_device(args.device, ddp_env)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    for flag, attr, kw in _TRAIN_NUMBERS:
+        kw = dict(kw)
+        try:
+            if kw.pop("integer", False):
+                check_int("normlab train", flag, getattr(args, attr), **kw)
+            else:
+                check_number("normlab train", flag, getattr(args, attr), **kw)
+        except (TypeError, ValueError) as e:
+            # None stands for "not given" on the command line.
+            msg = str(e).removeprefix("normlab train: ").replace(" or None", " (or omitted)")
+            raise _ArgumentError(msg) from None
+    _parse_kv(args.norm_kw)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise _ArgumentError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _ArgumentError(f"--device {args.device}: CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise _ArgumentError(f"--device {args.device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise _ArgumentError(f"--device {args.device}: MPS is not available on this machine")
+    _check_output_file("--json", args.json)
+    _check_output_file("--save", args.save)
+    return device
+
+
+def _build_model(args, say):
+    """The dataset and the model, or None after one line naming what was wrong."""
+    import torch
+
+    from normlab import data, models
+
     kw = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     try:
         ds = data.load(args.data, seed=args.data_seed, root=args.data_dir)
@@ -150,8 +250,37 @@ def _run_train(args) -> int:
         model = models.build(args.model, ds.in_shape, ds.num_classes, norm=args.norm,
                              dropout=args.dropout, init_scale=args.init_scale, **kw,
                              **_parse_kv(args.norm_kw))
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        # A keyword the norm does not take, or a bad value for one, reaches its
+        # constructor: say which argument it came from.
+        keys = _parse_kv(args.norm_kw)
+        where = "--norm-kw: " if any(f"{k} " in str(e) or f"'{k}'" in str(e)
+                                     for k in keys) else ""
+        say(f"normlab train: error: {where}{e}", file=sys.stderr)
+        return None, None, kw
+    return ds, model, kw
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from normlab import distributed
+    from normlab.train import train
+
+    # Under torchrun every process runs this (normlab.distributed says how).
+    ddp_env = distributed.torchrun_env()
+    rank, world, _ = ddp_env or (0, 1, 0)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        _check_train_args(args)
+    except _ArgumentError as e:
         say(f"normlab train: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = distributed.process_device(args.device, ddp_env)
+    ds, model, kw = _build_model(args, say)
+    if model is None:
         return 2
     shape = "x".join(str(s) for s in ds.in_shape)
     batch = f"batch {args.batch_size}"
@@ -178,12 +307,18 @@ def _run_train(args) -> int:
 
     if ddp_env:
         model, result = distributed.train_data_parallel(model, device, world, args.sync_bn,
-                                                        run)
+                                                        run, timeout_s=args.dist_timeout)
     else:
         result = run(model)
     if rank != 0:
-        return 0
-    r = result
+        return EXIT_DIVERGED if result.diverged else 0
+    return _report_train(args, result, model)
+
+
+def _report_train(args, r, model) -> int:
+    """Print the result, write --json and --save; the exit status."""
+    import torch
+
     print(f"parameters {r.num_params:,}")
     if r.diverged:
         print(f"DIVERGED at step {r.diverged_step}: {r.diverged_reason}")
@@ -196,11 +331,14 @@ def _run_train(args) -> int:
           f"{r.steps_per_s:.1f} steps/s, {r.samples_per_s:.0f} samples/s), "
           f"{r.steps_done}/{r.steps} steps")
     if args.json:
-        result.to_json(args.json)
+        r.to_json(args.json)
         print(f"result written to {args.json}")
     if args.save:
         torch.save(model.state_dict(), args.save)
         print(f"state_dict written to {args.save}")
+    if r.diverged:
+        print(f"normlab train: the run diverged (exit status {EXIT_DIVERGED})", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
@@ -252,11 +390,35 @@ def _add_study(sub) -> None:
     p.set_defaults(run=_run_study)
 
 
+def _check_study_args(args) -> None:
+    """--out is a folder (or can be made one) that this process can write into, and
+    --workers is positive: refused in one line before any claim runs."""
+    import os
+
+    if isinstance(args.workers, bool) or args.workers < 1:
+        raise _ArgumentError(f"--workers must be an int >= 1, got {args.workers}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _ArgumentError(f"--out: {args.out!r} is a file, not a folder")
+    existing = out
+    while not os.path.exists(existing):  # the folder the study would create its own in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise _ArgumentError(f"--out: {existing!r} (in the path {args.out!r}) is a file, "
+                             "not a folder")
+    _check_writable_folder("--out", existing)
+
+
 def _run_study(args) -> int:
     import shlex
 
     from normlab.study import StudyLocked, format_claims_table, run_study
 
+    try:
+        _check_study_args(args)
+    except _ArgumentError as e:
+        print(f"normlab study: error: {e}", file=sys.stderr)
+        return 2
     parts = ["normlab", "study"] + ([f"--{args.budget}"] if args.budget != "default" else [])
     if args.scale != "small":
         parts += ["--scale", args.scale]
@@ -459,7 +621,7 @@ _COMMANDS.append(_add_docs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normlab",
         description="normlab: normalization layers for deep networks, and a lab that "
         "re-runs their papers' claims.",

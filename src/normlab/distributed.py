@@ -12,6 +12,7 @@ group and tears the group down again.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import math
 import os
@@ -50,20 +51,26 @@ def train_data_parallel(
     world: int,
     sync_bn: bool,
     train_fn: Callable[[nn.Module], object],
+    timeout_s: float | None = 60.0,
 ) -> tuple[nn.Module, object]:
     """Run ``train_fn(net)`` on ``model`` under DistributedDataParallel in a new process
     group (NCCL on CUDA, gloo otherwise), with batch norms made
     :class:`normlab.nn.SyncBatchNorm` if ``sync_bn``; the curve of the result is then
     averaged over the ranks (:func:`average_curve_over_ranks`). Returns the (possibly
     converted) model and the result; the process group is destroyed on the way out,
-    error or not."""
+    error or not.
+
+    ``timeout_s`` is the group's timeout: a rank that skips a collective (a
+    SyncBatchNorm call in eval() on one rank only) or dies makes the others fail with
+    an error within that time instead of torch's default 30 minutes (None keeps it)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from normlab.nn import to_sync_batchnorm
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     net = None
     try:
         if sync_bn:

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from normlab.nn._checks import check_int, check_number
+
 __all__ = ["TrainResult", "train", "evaluate", "batch_indices", "lr_at", "crop_flip",
            "AUGMENTATIONS"]
 
@@ -222,6 +224,22 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256,
     finally:
         model.train(was_training)
     return total_loss / max(n, 1), (correct / max(n, 1) if accuracy else None)
+
+
+def _check_arguments(**kw) -> None:
+    """The numeric arguments of :func:`train`, before anything runs: a negative clip
+    norm would flip the gradient (clip_grad_norm_ scales by max_norm / norm), a NaN
+    learning rate would only show as a diverged run."""
+    check_int("train", "steps", kw["steps"], low=0)
+    check_int("train", "batch_size", kw["batch_size"], low=1)
+    check_int("train", "warmup_steps", kw["warmup_steps"], low=0)
+    check_int("train", "eval_every", kw["eval_every"], low=1, allow_none=True)
+    check_int("train", "log_every", kw["log_every"], low=1)
+    check_number("train", "lr", kw["lr"], low=0.0)
+    check_number("train", "momentum", kw["momentum"], low=0.0, high=1.0, high_open=True)
+    check_number("train", "weight_decay", kw["weight_decay"], low=0.0)
+    check_number("train", "clip_grad_norm", kw["clip_grad_norm"], low=0.0, low_open=True,
+                 allow_none=True)
 
 
 def _make_optimizer(optimizer, params, lr, momentum, weight_decay, nesterov):
@@ -422,10 +440,9 @@ def train(
                          f"{len(y_train)}")
     if (x_test is None) != (y_test is None):
         raise ValueError("train: pass both x_test and y_test, or neither")
-    if steps < 0:
-        raise ValueError(f"train: steps must be >= 0, got {steps}")
-    if log_every < 1:
-        raise ValueError(f"train: log_every must be >= 1, got {log_every}")
+    _check_arguments(steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay, warmup_steps=warmup_steps,
+                     clip_grad_norm=clip_grad_norm, eval_every=eval_every, log_every=log_every)
     if scheduler is not None and (schedule != "constant" or warmup_steps):
         raise ValueError(f"train: a scheduler owns the learning rates; schedule must be "
                          f"'constant' and warmup_steps 0 with it, got schedule={schedule!r}, "
