@@ -135,3 +135,26 @@ def test_study_workers_must_be_positive(tmp_path, capsys):
                  "--out", str(tmp_path / "s")]) == 2
     assert "--workers" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("extra, seconds", [([], 60.0), (["--dist-timeout", "7.5"], 7.5)])
+def test_dist_timeout_reaches_the_process_group(extra, seconds, monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+        raise Stop
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(Stop):
+        main(TRAIN + extra)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=seconds)}

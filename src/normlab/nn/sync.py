@@ -44,8 +44,11 @@ class SyncBatchNorm(BatchNorm):
     ranks' batches (which may differ in size, down to one sample or none); the weight
     and bias gradients are each rank's share, summed by DistributedDataParallel.
     The running variance is unbiased with the global count. See
-    :mod:`normlab.nn.sync_stats` for the communication (one all_gather of ``3 x C``
-    numbers forward, one all_reduce of ``2 x C`` backward).
+    :mod:`normlab.nn.sync_stats` for the communication (forward: one all_gather of
+    a 5-integer header, then one of ``3 x C`` numbers; backward: one all_reduce of
+    ``2 x C``). Ranks that disagree on the channel count, dtype or call number all
+    raise the same ValueError; a rank that skips a call makes the others fail after
+    the process group's timeout with an error naming this layer.
 
     * Training, torch.distributed initialized, group of more than one rank:
       synchronised. Every rank of the group must call it.
@@ -104,10 +107,12 @@ class SyncBatchNorm(BatchNorm):
             return super().forward(x, mask)
         self._check_input(x)
         track = self.track_running_stats
+        # The layer's own call number goes into the header the ranks compare.
+        self._normlab_sync_calls = getattr(self, "_normlab_sync_calls", 0) + 1
         y = sync_batch_norm(
             x, self.running_mean if track else None, self.running_var if track else None,
             self.weight, self.bias, self._momentum_factor() if track else 0.0, self.eps, mask,
-            self.process_group, self.layer_name)
+            self.process_group, self.layer_name, call=self._normlab_sync_calls)
         if track:
             self._count_batch()
         return y

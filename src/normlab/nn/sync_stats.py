@@ -11,7 +11,8 @@ What it communicates
 --------------------
 Forward (training): each rank computes, per channel, its element count, mean and
 biased variance with :func:`normlab.stats.moments` (two-pass), the ranks
-``all_gather`` these ``3 x C`` numbers (in float64 where the device has it), and every
+``all_gather`` a 5-integer header and check that they agree (see "Failing loudly"
+below), then ``all_gather`` these ``3 x C`` numbers (in float64 where the device has it), and every
 rank merges them with :func:`normlab.stats.combine_moments` (Chan et al.'s parallel
 formula: no sum-of-squares cancellation). Every rank therefore gets bit-identical
 global statistics and running statistics.
@@ -34,6 +35,21 @@ Every rank of the group must run each training forward and backward through a
 synchronised layer the same number of times, in the same order (as for any
 collective); a rank may bring an empty batch (N = 0), which adds nothing to the
 statistics.
+
+Failing loudly
+--------------
+Before exchanging statistics, the ranks all_gather a header of five integers: the
+number of statistics (the channel count), the input dtype, the training mode, the
+call number (how many synchronised calls this layer has made on this rank) and whether
+a mask was given. If any differs, every rank raises the same ValueError naming the
+layer, the field and each rank's value, instead of exchanging buffers of different
+sizes (which gloo answers by aborting the process, or worse, by completing on a buffer
+of the wrong size). A rank that skips a collective altogether (it is in ``eval()``
+while its peers train, never calls forward, or died) cannot be detected by a header:
+its peers wait for the process group's timeout, and the error they then get names the
+layer and those causes. torch's default timeout is 30 minutes; pass a shorter one,
+``dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))``
+(``normlab train`` does: ``--dist-timeout``, default 60 s).
 
 The batch-statistics synchronisation protocol
 ---------------------------------------------
@@ -60,7 +76,8 @@ every such layer, so it keeps its own behaviour with global statistics.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -93,6 +110,7 @@ class _Comm:
     def __init__(self, group=None, local: bool = False, name: str = "normlab") -> None:
         self.local = local
         self.group = group
+        self.name = name
         if local:
             self.world, self.rank = 1, 0
             return
@@ -107,7 +125,8 @@ class _Comm:
             return t.unsqueeze(0)
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t, group=self.group)  # gloo has no all_gather_into_tensor
+        with self._failing_loudly("all_gather"):
+            dist.all_gather(out, t, group=self.group)  # gloo has no all_gather_into_tensor
         return torch.stack(out)
 
     def all_reduce(self, t: Tensor) -> Tensor:
@@ -115,11 +134,88 @@ class _Comm:
         if self.local:
             return t
         t = t.contiguous().clone()
-        dist.all_reduce(t, group=self.group)
+        with self._failing_loudly("all_reduce"):
+            dist.all_reduce(t, group=self.group)
         return t
+
+    @contextlib.contextmanager
+    def _failing_loudly(self, what: str):
+        # A backend error (gloo's "Timed out waiting", "Connection reset by peer") names
+        # neither the layer nor the likely cause: say both, keep the original chained.
+        try:
+            yield
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(
+                f"{self.name}: the {what} of batch statistics over {self.world} ranks failed "
+                f"on rank {self.rank}: a rank skipped this synchronised call (it is in "
+                "eval() while the others train, never calls forward, or calls it a "
+                "different number of times) or died; ranks wait at most the process "
+                "group's timeout (init_process_group(timeout=...); normlab train "
+                f"--dist-timeout). Backend error: {first}"
+            ) from e
+
+    def agree(self, count: int, x: Tensor, mask: Tensor | None, call: int) -> None:
+        """Check, with one small all_gather, that every rank is at the same call of the
+        same layer with the same channel count and dtype; otherwise every rank raises
+        the same ValueError (they all see the same gathered headers)."""
+        if self.local:
+            return
+        # Only training calls communicate, so the training mode is 1 wherever a header is
+        # sent; a rank in eval() sends none, which the timeout error explains.
+        fields = (count, _DTYPE_CODES.get(x.dtype, -1), 1, call, mask is not None)
+        header = torch.tensor(fields, dtype=torch.int64, device=x.device)
+        rows = self.all_gather(header).tolist()
+        wrong = [i for i in range(len(fields)) if len({row[i] for row in rows}) > 1]
+        if not wrong:
+            return
+        parts = []
+        for i in wrong:
+            values = ", ".join(f"rank {r}: {_show_field(i, row[i])}" for r, row in enumerate(rows))
+            parts.append(f"{_HEADER_FIELDS[i]} ({values})")
+        raise ValueError(
+            f"{self.name}: the {self.world} ranks of the process group disagree on "
+            + "; ".join(parts) + ". Every rank raises this error; build the same layer on "
+            "every rank and call it the same number of times, on inputs of the same "
+            "channel count and dtype"
+        )
 
 
 _LOCAL = _Comm(local=True)
+
+#: The header the ranks compare before exchanging statistics (see the module docstring).
+_HEADER_FIELDS = ("channel count", "dtype", "training mode", "call number", "mask given")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_CODES = {dt: i for i, dt in enumerate(_DTYPES)}
+# Direct calls of sync_moments / sync_batch_norm, counted per process group.
+_CALLS: dict[int, int] = {}
+
+
+def _show_field(i: int, value: int) -> str:
+    if i == 1:
+        return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "another dtype"
+    if i == 2:
+        return "training" if value else "eval"
+    if i == 4:
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _stat_count(x: Tensor, dims=None) -> int:
+    """How many statistics a rank exchanges: the channels (or, for sync_moments, the
+    elements of the non-reduced dimensions)."""
+    if dims is None:
+        return x.shape[1] if x.dim() >= 2 else 0
+    reduced = {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+    return math.prod(s for d, s in enumerate(x.shape) if d not in reduced)
+
+
+def _next_call(comm: _Comm) -> int:
+    key = id(comm.group)
+    _CALLS[key] = _CALLS.get(key, 0) + 1
+    return _CALLS[key]
+
+
 
 
 def _comm(process_group=None, name: str = "normlab") -> _Comm:
@@ -137,12 +233,14 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def _global_moments(
-    x: Tensor, mask: Tensor | None, comm: _Comm, name: str
+    x: Tensor, mask: Tensor | None, comm: _Comm, name: str, call: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel ``(mean, var, count)`` over all ranks, shape ``(C,)``; no autograd.
 
     mean and var are in the statistics dtype of ``x``, count in the exchange dtype.
+    The ranks first agree on the header (``call``: this layer's call number).
     """
+    comm.agree(_stat_count(x), x, mask, call)
     local = stats.moments(x, batch_dims(x), mask=mask, keepdim=False)
     acc = _acc_dtype(x)
     count = torch.as_tensor(local.count, device=x.device).to(acc).expand_as(local.mean)
@@ -169,8 +267,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm with statistics over every rank of ``comm``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps, comm, name):
-        mean, var, count = _global_moments(x, mask, comm, name)
+    def forward(ctx, x, weight, bias, mask, eps, comm, name, call):
+        mean, var, count = _global_moments(x, mask, comm, name, call)
         shape = channel_shape(x)
         invstd = torch.rsqrt(var + eps)
         w = None if weight is None else weight.view(shape)
@@ -208,7 +306,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_w = sum_gx.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = sum_g.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -235,6 +333,8 @@ def sync_moments(
     process_group=None,
     mask: Tensor | None = None,
     keepdim: bool = True,
+    name: str = "sync_moments",
+    call: int | None = None,
 ) -> stats.Moments:
     """:func:`normlab.stats.moments` over the union of every rank's ``x``; differentiable.
 
@@ -249,10 +349,16 @@ def sync_moments(
     :func:`normlab.stats.moments` (``count`` an int or tensor as there); otherwise
     ``count`` is a tensor of global counts shaped like ``mean``. The all_gather runs
     at every call and its backward at every backward: call it on every rank alike.
+
+    Before the exchange the ranks compare a header (number of statistics, dtype, call
+    number, mask or not; see the module docstring) and all raise the same ValueError,
+    naming ``name``, if they disagree. ``call`` is the caller's call number (a layer's
+    own count, from :func:`moments_fn_for`); None counts the calls per process group.
     """
-    comm = _comm(process_group, "sync_moments")
+    comm = _comm(process_group, name)
     if comm.world == 1:
         return stats.moments(x, dims, mask=mask, keepdim=keepdim)
+    comm.agree(_stat_count(x, dims), x, mask, _next_call(comm) if call is None else call)
     local = stats.moments(x, dims, mask=mask, keepdim=True)
     acc = _acc_dtype(x)
     count = torch.as_tensor(local.count, device=x.device).to(acc).expand_as(local.mean)
@@ -276,9 +382,17 @@ def moments_fn_for(layer: nn.Module):
     if not getattr(layer, "sync_batch_stats", False):
         return None
     group = getattr(layer, "process_group", None)
-    if _comm(group, type(layer).__name__).world == 1:
+    name = getattr(layer, "layer_name", type(layer).__name__)
+    if _comm(group, name).world == 1:
         return None
-    return functools.partial(sync_moments, process_group=group)
+
+    def moments(x: Tensor, dims, mask: Tensor | None = None) -> stats.Moments:
+        # The layer counts its own synchronised calls: the header's call number.
+        layer._normlab_sync_calls = getattr(layer, "_normlab_sync_calls", 0) + 1
+        return sync_moments(x, dims, process_group=group, mask=mask, name=name,
+                            call=layer._normlab_sync_calls)
+
+    return moments
 
 
 def sync_batch_norm(
@@ -292,6 +406,7 @@ def sync_batch_norm(
     mask: Tensor | None = None,
     process_group=None,
     name: str = "sync_batch_norm",
+    call: int | None = None,
 ) -> Tensor:
     r"""Training-mode batch norm of ``x`` ``(N, C, *)`` with statistics over all ranks.
 
@@ -303,6 +418,9 @@ def sync_batch_norm(
 
     Without torch.distributed it runs the same autograd function with local no-op
     collectives, and equals :func:`normlab.functional.batch_norm` in training.
+
+    ``call`` is the caller's call number for the ranks' header (a layer's own count);
+    None counts the calls per process group.
     """
     NF.check_input(x, x.shape[1] if x.dim() >= 2 else -1, name)
     comm = _comm(process_group, name)
@@ -310,7 +428,9 @@ def sync_batch_norm(
         if mask.dtype != torch.bool:
             raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
         mask = mask.expand_as(x)
-    y, mean, var, count = _SyncBatchNormFunction.apply(x, weight, bias, mask, eps, comm, name)
+    call = _next_call(comm) if call is None else call
+    y, mean, var, count = _SyncBatchNormFunction.apply(x, weight, bias, mask, eps, comm, name,
+                                                       call)
     if running_mean is not None and running_var is not None:
         NF.update_running_(running_mean, mean, momentum, name)
         NF.update_running_(running_var, stats.unbiased(var, count), momentum, name)
