@@ -16,8 +16,8 @@ state changed by a refused call, or an invalid argument silently accepted.
     PYTHONPATH=src python scripts/hostile_inputs.py [--cli] [--verbose]
 
 ``--cli`` adds the ``normlab train`` / ``normlab study`` argument cases (each one a
-subprocess, about a minute in all). The SyncBatchNorm cases across 2 gloo ranks are
-in tests/test_sync_header.py.
+subprocess, about a minute in all); ``--sync`` the SyncBatchNorm cases on 2 gloo
+ranks (half a minute).
 """
 
 # Every case builds a lambda over the loop's layer and calls it at once: B023 does not apply.
@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 
@@ -313,6 +314,34 @@ def _probe_name(make):
     return type(m).__name__
 
 
+def functions():
+    """weight_norm, ENorm and train(): public functions with arguments to check."""
+    from normlab.train import train
+
+    area = "weight norm, ENorm, train()"
+    lin = torch.nn.Linear(3, 2)
+    refused(area, "weight_norm(3)", "weight_norm", lambda: nl.weight_norm(3))
+    refused(area, "weight_norm(dim='x')", "weight_norm", lambda: nl.weight_norm(lin, dim="x"),
+            lin)
+    refused(area, "weight_norm(dim=5)", "weight_norm", lambda: nl.weight_norm(lin, dim=5), lin)
+    refused(area, "weight_norm(name='nope')", "weight_norm",
+            lambda: nl.weight_norm(lin, name="nope"), lin)
+    refused(area, "remove_weight_norm(plain)", "remove_weight_norm",
+            lambda: nl.remove_weight_norm(lin), lin)
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for c in (math.nan, "x", -1.0, 0.0, math.inf, True):
+        refused(area, f"ENorm(c={c!r})", "ENorm", lambda c=c: nl.ENorm(mlp, c=c), mlp)
+    refused(area, "ENorm(a conv net without hidden layers)", "ENorm",
+            lambda: nl.ENorm(torch.nn.Sequential(torch.nn.Linear(3, 2))))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for arg, value in (("batch_size", 0), ("lr", math.nan), ("lr", -0.1), ("steps", -5),
+                       ("momentum", 2.0), ("weight_decay", -1.0), ("clip_grad_norm", -1.0),
+                       ("eval_every", 0), ("warmup_steps", -3), ("batch_size", "8")):
+        kw = {"steps": 2, "progress": False, arg: value}
+        refused(area, f"train({arg}={value!r})", "train: ",
+                lambda kw=kw: train(mlp, x, y, **kw), mlp, words=(arg,))
+
+
 # ------------------------------------------------------------------------------- CLI
 
 CLI_CASES = [
@@ -337,10 +366,8 @@ def cli():
     cases = [(c, base + [a.format(tmp=tmp) for a in c]) for c in CLI_CASES]
     afile = os.path.join(tmp, "a-file")
     open(afile, "w").close()
-    ro = os.path.join(tmp, "ro")
-    os.mkdir(ro)
-    os.chmod(ro, 0o500)
-    for out in (afile, ro):
+    # /proc takes no new file even from root (a chmod-ed folder would not stop root).
+    for out in (afile, "/proc/normlab-study"):
         cases.append((["study --out", out], [sys.executable, "-m", "normlab", "study",
                                              "--quick", "--no-grid", "--claims", "1",
                                              "--out", out]))
@@ -348,17 +375,139 @@ def cli():
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         err = p.stderr.strip().splitlines()
         opt = label[0].split()[-1]
-        if p.returncode == 2 and len(err) >= 1 and "Traceback" not in p.stderr \
-                and opt.lstrip("-").split("-")[0] in err[-1]:
+        if p.returncode == 2 and len(err) == 1 and opt.lstrip("-").split("-")[0] in err[0]:
             record(area, " ".join(label), "clear")
         else:
             last = err[-1][:100] if err else ""
             record(area, " ".join(label), f"exit {p.returncode}: {last}")
+    p = subprocess.run(base + ["--model", "mlp", "--lr", "1e30", "--momentum", "0"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    record(area, "a diverged run (--lr 1e30)",
+           "clear" if p.returncode == 3 and "DIVERGED" in p.stdout else f"exit {p.returncode}")
+
+
+# ------------------------------------------------------------------ SyncBatchNorm, 2 ranks
+
+SYNC_TIMEOUT_S = 3
+
+
+def _sync_disagreements(rank, group, res):
+    def attempt(key, fn):
+        try:
+            fn()
+            res[key] = None
+        except Exception as e:  # noqa: BLE001
+            res[key] = (type(e).__name__, str(e))
+
+    c = (4, 6)[rank]
+    for key, make in (("SyncBatchNorm: channel counts 4 / 6", lambda: nl.SyncBatchNorm(c)),
+                      ("BatchRenorm: channel counts 4 / 6", lambda: nl.BatchRenorm(c)),
+                      ("SwitchableNorm: channel counts 4 / 6", lambda: nl.SwitchableNorm(c)),
+                      ("AttentiveNorm: channel counts 4 / 6", lambda: nl.AttentiveNorm(c, 3))):
+        m = nl.to_sync_batchnorm(torch.nn.Sequential(make()), process_group=group)[0].train()
+        attempt(key, lambda m=m: m(torch.randn(3, c, 5)))
+    dt = (torch.float32, torch.float64)[rank]
+    m = nl.SyncBatchNorm(4, process_group=group, dtype=dt).train()
+    attempt("SyncBatchNorm: dtypes float32 / float64", lambda: m(torch.randn(3, 4, 5, dtype=dt)))
+    a, b = (nl.SyncBatchNorm(4, process_group=group).train() for _ in range(2))
+    x = torch.randn(3, 4, 5)
+    a(x)
+    attempt("SyncBatchNorm: a call skipped on rank 1", lambda: (a if rank == 0 else b)(x))
+    mask = torch.ones(3, 4, 5, dtype=torch.bool) if rank == 0 else None
+    attempt("SyncBatchNorm: mask on rank 0 only", lambda: a(x, mask=mask))
+
+
+def _sync_worker(rank, world, port, folder):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    short = datetime.timedelta(seconds=SYNC_TIMEOUT_S)
+    groups = [dist.new_group([0, 1], timeout=short) for _ in range(5)]
+    res = {}
+    _sync_disagreements(rank, groups[0], res)
+    # Cases that break their group (a timeout or a death): a fresh group each.
+    skips = {
+        "rank 1 in eval()": lambda m: m.train(rank == 0)(torch.randn(3, 4, 5)),
+        "rank 1 never calls forward": lambda m: m(torch.randn(3, 4, 5)) if rank == 0 else None,
+        "rank 1 gives 6 channels to SyncBatchNorm(4)":
+            lambda m: m(torch.randn(3, 4 + 2 * rank, 5)),
+    }
+    for i, (key, fn) in enumerate(skips.items(), start=1):
+        m = nl.SyncBatchNorm(4, process_group=groups[i]).train()
+        start = time.monotonic()
+        try:
+            fn(m)
+            res[key] = None
+        except Exception as e:  # noqa: BLE001
+            res[key] = (type(e).__name__, str(e), time.monotonic() - start)
+        dist.barrier()
+    if rank == 1:
+        torch.save(res, os.path.join(folder, "rank1.pt"))
+        os._exit(0)
+    m = nl.SyncBatchNorm(4, process_group=groups[4]).train()
+    try:
+        m(torch.randn(3, 4, 5))
+        res["rank 1 died"] = None
+    except Exception as e:  # noqa: BLE001
+        res["rank 1 died"] = (type(e).__name__, str(e), 0.0)
+    torch.save(res, os.path.join(folder, "rank0.pt"))
+    os._exit(0)
+
+
+def sync():
+    """SyncBatchNorm and the protocol layers across 2 gloo ranks: a case is clear when
+    every rank that raised named the layer, the rank that waited did so for the
+    group's timeout (not torch's 30 minutes), and no process aborted."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder = tempfile.mkdtemp()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_sync_worker, args=(2, port, folder), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the ranks did not finish in 180 s")
+    except Exception as e:  # noqa: BLE001 - a rank aborted (gloo's SIGABRT) or hung
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        return record("SyncBatchNorm, 2 gloo ranks", "the whole run",
+                      f"unclear: {type(e).__name__}: {str(e)[:150]}")
+    ranks = [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False)
+             for r in range(2)]
+    for key in ranks[0]:
+        got = [r.get(key) for r in ranks]
+        names = ("SyncBatchNorm", "BatchRenorm", "SwitchableNorm", "AttentiveNorm")
+        raised = [g for g in got if g is not None]
+        ok = raised and all(
+            g[0] in ("ValueError", "RuntimeError") and g[1].split("(")[0] in names
+            and (len(g) < 3 or g[2] < SYNC_TIMEOUT_S + 30) for g in raised)
+        if key.startswith("rank 1") and key != "rank 1 gives 6 channels to SyncBatchNorm(4)":
+            ok = ok and got[0] is not None  # the rank left waiting must fail
+        elif key != "rank 1 gives 6 channels to SyncBatchNorm(4)":
+            ok = ok and len(raised) == 2 and got[0][1].split(":", 1)[1] == got[1][1].split(
+                ":", 1)[1]  # the same error on every rank
+        else:
+            ok = ok and len(raised) == 2
+        record("SyncBatchNorm, 2 gloo ranks", key,
+               "clear" if ok else f"{[g and g[:2] for g in got]}"[:200])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cli", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="SyncBatchNorm cases on 2 gloo ranks")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -366,8 +515,11 @@ def main() -> int:
     empty_and_meta()
     other_layers()
     constructors()
+    functions()
     if args.cli:
         cli()
+    if args.sync:
+        sync()
     total = clear = 0
     print(f"| {'area':30s} | cases | clear |")
     print(f"|{'-' * 32}|-------|-------|")

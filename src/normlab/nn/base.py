@@ -34,6 +34,13 @@ class NormBase(nn.Module):
     makes the running statistics a cumulative average over all batches seen (under
     torch.compile that reads the batch counter on the host: a graph break per training
     call; the default momentum compiles without one).
+
+    Every constructor argument is checked before anything is built (a TypeError for a
+    wrong type, a ValueError for NaN or a value out of range, naming the layer and the
+    argument), and a call that raises leaves every parameter and buffer as it was. An
+    input with no elements (N = 0) gives an empty output, as torch.nn.BatchNorm2d does:
+    the running statistics stay, the batch counter counts it (torch 2.13 does too).
+    Training on the meta device infers shapes, as torch.nn's layers do.
     """
 
     #: Whether ``eps=None`` means something (RMSNorm: the input dtype's epsilon).
