@@ -206,7 +206,7 @@ def _check_train_args(args):
     order; returns the torch.device. Raises _ArgumentError naming the argument."""
     import torch
 
-    from normlab.nn._checks import check_int, check_number
+    from normlab.nn.checks import check_int, check_number
 
     for flag, attr, kw in _TRAIN_NUMBERS:
         kw = dict(kw)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from normlab import nn as nlnn
-from normlab.nn.base import _check_num_channels
 
 __all__ = ["NormSpec", "register_norm", "create_norm", "list_norms", "get_norm_spec"]
 
@@ -99,9 +98,11 @@ def list_norms(with_aliases: bool = False) -> list[str] | dict[str, tuple[str, .
 
 
 def _group_norm(num_channels: int, num_groups: int | None = None, **kwargs) -> nn.Module:
-    _check_num_channels("GroupNorm", num_channels)  # before choose_num_groups uses it
     if num_groups is None:
-        num_groups = nlnn.choose_num_groups(num_channels)
+        # A bad channel count is left to GroupNorm, whose error names it (one group
+        # passes its own check); choose_num_groups would fail on it with a bare TypeError.
+        valid = type(num_channels) is int and num_channels > 0
+        num_groups = nlnn.choose_num_groups(num_channels) if valid else 1
     return nlnn.GroupNorm(num_channels, num_groups, **kwargs)
 
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from normlab.nn._checks import check_int, check_number
+from normlab.nn.checks import check_int, check_number
 
 __all__ = ["TrainResult", "train", "evaluate", "batch_indices", "lr_at", "crop_flip",
            "AUGMENTATIONS"]

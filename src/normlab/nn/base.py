@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as NF
-from normlab.nn._checks import check_number, empty_output
+from normlab.nn.checks import check_number, empty_output
 
 __all__ = ["NormBase", "Identity"]
 

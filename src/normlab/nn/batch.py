@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab import functional as NF
-from normlab.nn._checks import check_number
 from normlab.nn.base import NormBase
+from normlab.nn.checks import check_number
 from normlab.nn.sync_stats import moments_fn_for
 
 __all__ = ["BatchNorm", "BatchRenorm", "PAPER_RENORM_WARMUP"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.nn._checks import check_float_tensor, check_number, same_dtype_check
+from normlab.nn.checks import check_float_tensor, check_number, same_dtype_check
 
 __all__ = ["fuzzy_xor", "generalized_hamming_distance", "GHNLinear", "GHNConv2d",
            "DoubleThreshold"]

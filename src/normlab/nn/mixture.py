@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab.functional import mixture as FM
-from normlab.nn._checks import check_int, check_number
 from normlab.nn.base import NormBase
+from normlab.nn.checks import check_int, check_number
 from normlab.nn.per_sample import choose_num_groups
 from normlab.nn.sync_stats import moments_fn_for
 

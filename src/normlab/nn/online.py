@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from normlab.functional import online as FO
-from normlab.nn._checks import check_number
 from normlab.nn.base import NormBase
+from normlab.nn.checks import check_number
 
 __all__ = ["OnlineNorm"]
 

@@ -46,7 +46,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from normlab import functional as NF
 from normlab import stats
-from normlab.nn._checks import check_number, empty_output
+from normlab.nn.checks import check_number, empty_output
 
 __all__ = ["StepBatchNorm", "GateLayerNorm", "BNLSTM", "InputBNLSTM", "LNLSTM"]
 

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from normlab.nn._checks import check_float_tensor, check_number
+from normlab.nn.checks import check_float_tensor, check_number
 
 __all__ = [
     "ALPHA01",
