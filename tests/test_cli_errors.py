@@ -130,8 +130,8 @@ def test_study_out_where_nothing_can_be_written_is_one_line_and_exit_2(capsys):
     assert len(err) == 1 and "--out: cannot write into folder '/proc'" in err[0], err
 
 
-def test_study_workers_must_be_positive(tmp_path, capsys):
-    assert main(["study", "--quick", "--no-grid", "--workers", "0",
+def test_study_workers_must_not_be_negative(tmp_path, capsys):
+    assert main(["study", "--quick", "--no-grid", "--workers", "-1",
                  "--out", str(tmp_path / "s")]) == 2
     assert "--workers" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

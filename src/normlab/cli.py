@@ -392,11 +392,13 @@ def _add_study(sub) -> None:
 
 def _check_study_args(args) -> None:
     """--out is a folder (or can be made one) that this process can write into, and
-    --workers is positive: refused in one line before any claim runs."""
+    --workers is not negative (0 runs everything in this process): refused in one line
+    before any claim runs."""
     import os
 
-    if isinstance(args.workers, bool) or args.workers < 1:
-        raise _ArgumentError(f"--workers must be an int >= 1, got {args.workers}")
+    if args.workers < 0:
+        raise _ArgumentError(f"--workers must be an int >= 0 (0: no worker processes), "
+                             f"got {args.workers}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise _ArgumentError(f"--out: {args.out!r} is a file, not a folder")
