@@ -90,6 +90,8 @@ def test_train_with_curves_does_not_disturb_training_and_reports_the_final_model
     assert res["final_test_acc"] == test_acc and res["final_test_loss"] == \
         pytest.approx(test_loss)
     assert res["final_val_acc"] == evaluate(b, *val)[1]
+    assert C.final_val(res) == res["final_val_acc"]  # the rate-selection score reads it
+    assert C.final_val(dict(res, final_val_acc=None)) == 0.5  # diverged: chance
 
 
 def test_unit_interval_maps_the_fit_split_onto_0_1():

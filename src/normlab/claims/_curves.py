@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 __all__ = ["planned_steps", "train_with_curves", "area", "train_loss_area", "val_area",
-           "plot_curves", "unit_interval"]
+           "final_val", "plot_curves", "unit_interval"]
 
 
 def planned_steps(steps: int, eval_every: int) -> list[int]:
@@ -103,6 +103,14 @@ def val_area(result: Mapping) -> float:
     """:func:`area` of the validation accuracy: the score that chooses a learning rate
     for a claim about learning speed (:func:`normlab.claims.design.select_lr`)."""
     return area(result, "val_acc")
+
+
+def final_val(result: Mapping) -> float:
+    """The final validation accuracy (chance for a diverged run): the score that
+    chooses a learning rate where the claim is about the trained network."""
+    from normlab.claims.design import accuracy_or_chance
+
+    return accuracy_or_chance(result, "final_val_acc")
 
 
 def train_loss_area(result: Mapping) -> float:
