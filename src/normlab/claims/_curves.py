@@ -39,7 +39,8 @@ def train_with_curves(model, fit, val, *, steps: int, batch_size: int, lr: float
                       clip_grad_norm: float | None = None) -> dict:
     """Train ``model`` on ``fit`` (a :class:`normlab.data.Dataset`) with
     :func:`normlab.train.train` and evaluate it on ``val = (x, y)`` and on the test set
-    of ``fit`` after every step of :func:`planned_steps` (eval mode, running statistics).
+    of ``fit`` after every step of :func:`planned_steps` (eval mode, running statistics),
+    on the study's device (:func:`normlab.claims.design.current_device`).
 
     Returns a JSON-safe dict: ``curves`` (``step``, ``val_acc``, ``val_loss``,
     ``test_acc``, ``test_loss``, and ``train_loss``: the mean training-batch loss since
@@ -49,8 +50,10 @@ def train_with_curves(model, fit, val, *, steps: int, batch_size: int, lr: float
     ``num_classes``, ``final_test_acc``, ``final_test_loss`` and ``final_val_acc``
     (None if the run diverged).
     """
+    from normlab.claims.design import current_device
     from normlab.train import evaluate, train
 
+    device = current_device()
     x_val, y_val = val
     planned = planned_steps(steps, eval_every)
     curves = {k: [] for k in ("step", "val_acc", "val_loss", "test_acc", "test_loss",
@@ -58,8 +61,8 @@ def train_with_curves(model, fit, val, *, steps: int, batch_size: int, lr: float
     window: list[float] = []
 
     def record(step: int, net) -> None:
-        val_loss, val_acc = evaluate(net, x_val, y_val)
-        test_loss, test_acc = evaluate(net, fit.x_test, fit.y_test)
+        val_loss, val_acc = evaluate(net, x_val, y_val, device=device)
+        test_loss, test_acc = evaluate(net, fit.x_test, fit.y_test, device=device)
         for key, value in (("step", step), ("val_acc", val_acc), ("val_loss", val_loss),
                            ("test_acc", test_acc), ("test_loss", test_loss),
                            ("train_loss", sum(window) / len(window))):
@@ -74,7 +77,7 @@ def train_with_curves(model, fit, val, *, steps: int, batch_size: int, lr: float
 
     result = train(model, fit.x_train, fit.y_train, steps=steps, batch_size=batch_size,
                    lr=lr, optimizer=optimizer, clip_grad_norm=clip_grad_norm, seed=seed,
-                   progress=False, callbacks=[callback])
+                   progress=False, callbacks=[callback], device=device)
     if not result.diverged:
         record(result.steps_done, model)
     losses = result.curve["loss"]

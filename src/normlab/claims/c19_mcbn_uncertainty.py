@@ -71,15 +71,18 @@ def mcbn_split(*, split: int, steps: int, lr: float, batch_size: int, width: int
     import torch
 
     from normlab import models
+    from normlab.claims.design import current_device
     from normlab.train import train
     from normlab.uncertainty import mc_batchnorm, predictive_log_likelihood
 
-    x_tr, y_tr, x_va, y_va, x_te, y_te = diabetes_split(split, fractions)
+    device = current_device()
+    x_tr, y_tr, x_va, y_va, x_te, y_te = (t.to(device)
+                                          for t in diabetes_split(split, fractions))
     torch.manual_seed(split)
     model = models.mlp((x_tr.shape[1],), 1, norm="bn", width=width, depth=depth)
     mse = torch.nn.functional.mse_loss
     run = train(model, x_tr, y_tr, steps=steps, batch_size=batch_size, lr=lr, seed=split,
-                optimizer="adam", loss_fn=mse, progress=False)
+                optimizer="adam", loss_fn=mse, progress=False, device=device)
     if run.diverged:
         return {"split": split, "diverged": True}
     model.eval()
