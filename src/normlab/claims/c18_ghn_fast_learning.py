@@ -5,169 +5,122 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims._custom_loop import acc_or_chance, mean, pct, seed_range
+import torch
+from torch import nn
+
+from normlab.claims._curves import (
+    area,
+    plot_curves,
+    train_with_curves,
+    unit_interval,
+    val_area,
+)
 from normlab.claims.base import Claim, RunContext, save_plot
+from normlab.claims.design import accuracy_or_chance, select_lr, split
+from normlab.claims.protocol import Effect, points
 
-WIDTH = 128
-DEPTH = 2  # hidden layers
+DATA = "mnist5k"
+WIDTH, DEPTH = 128, 2
 BATCH = 32
-#: Adam rates, each network at its best; 0.1 is the rate of the kamwoh/ghn
-#: re-implementation's reported runs.
-LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-EPOCHS = 5  # the learning curve; the claim is judged after the first epoch
-CLOSE = 0.02
-NETS = ("ghn", "bn", "plain")
-LABELS = {"ghn": "GHN (no BN, no learned bias)", "bn": "Linear + BatchNorm",
-          "plain": "Linear + bias, no BN"}
+EPOCHS = 5
+#: Adam rates; 0.1 is the re-implementation's rate, the grid extends at an edge.
+LR_GRID = (3e-3, 1e-2, 3e-2, 0.1)
+#: The quick budget's rates (no selection): the re-implementation's for GHN.
+QUICK_LR = {"ghn": 0.1, "bn": 1e-2}
+NETS = ("ghn", "bn")
+LABELS = {"ghn": "GHN (no BN, no learned bias)", "bn": "Linear + BatchNorm + ReLU"}
+#: "As fast as BN": GHN's area under the test-accuracy curve at most this far below BN's.
+LAG_MARGIN = 2.0
+#: The positive control: the lowest MNIST accuracy the kamwoh/ghn re-implementation
+#: reports after one epoch (no double threshold, no ReLU: 89.01%), in points.
+CONTROL_BAR = 89.0
+#: ... reached by GHN after as many Adam steps as the re-implementation's one epoch
+#: (48,000 training images in batches of 32).
+CONTROL_STEPS = 1500
 
 
-def ghn_mlp(in_features: int, num_classes: int, width: int = WIDTH, depth: int = DEPTH):
-    """``depth`` x [GHNLinear(normalized) -> relu(0.5 + h)] and a GHNLinear output
-    (unnormalized: its per-sample bias -sum(x)/2 is the same for every class, so the
-    logits are w.x - sum(w)/2). No learned bias and no normalization anywhere."""
-    import torch
-    from torch import nn
+class ShiftedReLU(nn.Module):
+    """relu(0.5 + h): a hidden unit fires when its normalized generalized Hamming
+    distance to the weights is below 1/2 (the re-implementation's activation)."""
 
-    from normlab.nn import GHNLinear
+    def forward(self, h):
+        return torch.relu(0.5 + h)
 
-    class ShiftedReLU(nn.Module):
-        """relu(0.5 + h): a hidden unit fires when its normalized Hamming distance to
-        the weights is below 1/2 (the kamwoh/ghn re-implementation's activation)."""
 
-        def forward(self, h):
-            return torch.relu(0.5 + h)
+def build(net: str, in_features: int, num_classes: int, width: int, depth: int):
+    """``net="ghn"``: ``depth`` x [GHNLinear(normalized) -> relu(0.5 + h)] and an
+    unnormalized GHNLinear output, no learned bias and no normalization anywhere;
+    ``net="bn"``: ``depth`` x [Linear(no bias) -> BatchNorm -> ReLU] and a Linear output."""
+    from normlab.nn import BatchNorm, GHNLinear
 
     layers: list = [nn.Flatten()]
     fan_in = in_features
     for _ in range(depth):
-        layers += [GHNLinear(fan_in, width, normalized=True), ShiftedReLU()]
-        fan_in = width
-    layers.append(GHNLinear(fan_in, num_classes))
-    return nn.Sequential(*layers)
-
-
-def _build(net: str, in_features: int, num_classes: int):
-    from torch import nn
-
-    from normlab.nn import BatchNorm
-
-    if net == "ghn":
-        return ghn_mlp(in_features, num_classes)
-    layers: list = [nn.Flatten()]
-    fan_in = in_features
-    for _ in range(DEPTH):
-        if net == "bn":
-            layers += [nn.Linear(fan_in, WIDTH, bias=False), BatchNorm(WIDTH), nn.ReLU()]
+        if net == "ghn":
+            layers += [GHNLinear(fan_in, width, normalized=True), ShiftedReLU()]
+        elif net == "bn":
+            layers += [nn.Linear(fan_in, width, bias=False), BatchNorm(width), nn.ReLU()]
         else:
-            layers += [nn.Linear(fan_in, WIDTH), nn.ReLU()]
-        fan_in = WIDTH
-    layers.append(nn.Linear(fan_in, num_classes))
+            raise ValueError(f"claim 18: net must be 'ghn' or 'bn', got {net!r}")
+        fan_in = width
+    layers.append(GHNLinear(fan_in, num_classes) if net == "ghn"
+                  else nn.Linear(fan_in, num_classes))
     return nn.Sequential(*layers)
 
 
-def unit_interval(x_train, x_test):
-    """Inputs mapped to [0, 1] with the training split's min and max (GHN reads inputs
-    as fuzzy truth values); every network gets the same inputs."""
-    lo, hi = x_train.min(), x_train.max()
-    return (x_train - lo) / (hi - lo), ((x_test - lo) / (hi - lo)).clamp(0, 1)
+def ghn_run(*, net: str, lr: float, steps: int, seed: int, data: str, batch_size: int,
+            eval_every: int, width: int, depth: int) -> dict:
+    """One arm of one seed: the seed's split with inputs in [0, 1], weights drawn after
+    ``torch.manual_seed(seed)``, Adam, validation and test curves."""
+    import math
+
+    fit, val = unit_interval(*split(data, seed))
+    torch.manual_seed(seed)
+    model = build(net, math.prod(fit.in_shape), fit.num_classes, width, depth)
+    return train_with_curves(model, fit, val, steps=steps, batch_size=batch_size, lr=lr,
+                             seed=seed, eval_every=eval_every, optimizer="adam")
 
 
-def _epoch_steps(ctx: RunContext) -> int:
-    return ctx.dataset().num_train // BATCH
-
-
-def _steps(ctx: RunContext) -> int:
-    epoch = _epoch_steps(ctx)
-    return max(epoch, ctx.budget.steps(EPOCHS * epoch))
-
-
-def _run(ctx: RunContext, net: str, lr: float, seed: int) -> dict:
-    steps, epoch = _steps(ctx), _epoch_steps(ctx)
-    eval_every = max(1, epoch // 4)
-    key = (f"{net} mlp d{DEPTH} w{WIDTH} data={ctx.data} inputs01 adam lr={lr} batch={BATCH} "
-           f"steps={steps} eval_every={eval_every} seed={seed}")
-
-    def work() -> dict:
-        import math
-
-        import torch
-
-        from normlab.train import train
-
-        ds = ctx.dataset()
-        x_train, x_test = unit_interval(ds.x_train, ds.x_test)
-        torch.manual_seed(seed)
-        model = _build(net, math.prod(ds.in_shape), ds.num_classes)
-        result = train(model, x_train, ds.y_train, x_test, ds.y_test, steps=steps,
-                       batch_size=BATCH, lr=lr, optimizer="adam", seed=seed, progress=False,
-                       eval_every=eval_every)
-        return result.to_dict()
-
-    return ctx.run(key, work)
-
-
-def _acc_at(evals: dict, step: int) -> float | None:
-    """Test accuracy at the first evaluation at or after ``step``."""
-    for s, acc in zip(evals["step"], evals["test_acc"], strict=True):
-        if s >= step:
-            return acc
-    return None
+def _maker(ctx: RunContext, net: str, steps: int):
+    def make(lr: float, seed: int) -> dict:
+        return {"net": net, "lr": lr, "steps": steps, "seed": seed, "data": DATA,
+                "batch_size": BATCH, "eval_every": max(1, steps // (4 * EPOCHS)),
+                "width": WIDTH, "depth": DEPTH}
+    return make
 
 
 def measure(ctx: RunContext) -> dict:
-    seeds = list(range(ctx.budget.seeds))
-    epoch = _epoch_steps(ctx)
-    num_classes = ctx.dataset().num_classes
-    out = {"data": ctx.data, "width": WIDTH, "depth": DEPTH, "batch": BATCH, "lrs": list(LRS),
-           "steps": _steps(ctx), "epoch_steps": epoch, "seeds": seeds, "nets": {}}
+    epoch = split(DATA, 0)[0].num_train // BATCH
+    steps = ctx.budget.steps(EPOCHS * epoch)
+    control_steps = ctx.budget.steps(CONTROL_STEPS)
+    seeds = ctx.seeds
+    chosen = {}
     for net in NETS:
-        sweep = {}
-        for lr in LRS:
-            runs = [_run(ctx, net, lr, seed) for seed in seeds]
-            first_epoch_loss = []
-            for r in runs:
-                losses = [v for s, v in zip(r["curve"]["step"], r["curve"]["loss"], strict=True)
-                          if s <= epoch]
-                ok = not r["diverged"] and losses and all(v is not None for v in losses)
-                first_epoch_loss.append(mean(losses) if ok else None)
-            sweep[str(lr)] = {
-                "runs": runs,
-                "first_epoch_train_loss": first_epoch_loss,
-                "score": (mean(first_epoch_loss) if all(v is not None for v in first_epoch_loss)
-                          else float("inf")),
-            }
-        best = min(LRS, key=lambda lr: sweep[str(lr)]["score"])
-        runs = sweep[str(best)]["runs"]
-        acc1 = [acc_or_chance({"final_test_acc": _acc_at(r["evals"], epoch),
-                               "diverged": r["diverged"]}, num_classes) for r in runs]
-        final = [acc_or_chance(r, num_classes) for r in runs]
-        out["nets"][net] = {
-            "best_lr": best,
-            "sweep_first_epoch_train_loss": {
-                k: v["first_epoch_train_loss"] for k, v in sweep.items()},
-            "acc_epoch1": acc1, "mean_acc_epoch1": mean(acc1),
-            "final_test_acc": final, "mean_final_acc": mean(final),
-            "diverged": [bool(r["diverged"]) for r in runs],
-            "evals": [{"step": r["evals"]["step"], "test_acc": r["evals"]["test_acc"]}
-                      for r in runs],
-        }
-    return out
-
-
-def judge(m: dict) -> tuple[str, str]:
-    ghn, bn, plain = (m["nets"][k] for k in NETS)
-    lag = bn["mean_acc_epoch1"] - ghn["mean_acc_epoch1"]
-    spread = max(seed_range(ghn["acc_epoch1"]), seed_range(bn["acc_epoch1"]))
-    desc = (f"test accuracy after 1 epoch: GHN {pct(ghn['mean_acc_epoch1'])} (lr "
-            f"{ghn['best_lr']:g}), BN {pct(bn['mean_acc_epoch1'])} (lr {bn['best_lr']:g}), "
-            f"plain {pct(plain['mean_acc_epoch1'])} (lr {plain['best_lr']:g}); GHN lags BN by "
-            f"{100 * lag:.1f} points (seed range {100 * spread:.1f}); after {m['steps']} steps: "
-            f"GHN {pct(ghn['mean_final_acc'])}, BN {pct(bn['mean_final_acc'])}")
-    if not any(ghn["diverged"]) and lag <= CLOSE:
-        return "reproduced", f"as reported: GHN learns about as fast as BN; {desc}."
-    if any(ghn["diverged"]) or lag > CLOSE + spread:
-        return "not reproduced", f"GHN learns slower than BN beyond the tolerance; {desc}."
-    return "inconclusive", f"GHN's lag behind BN is within the seed spread; {desc}."
+        grid = ctx.budget.pick(quick=None, default=LR_GRID)
+        if grid is None:
+            chosen[net] = {"lr": QUICK_LR[net], "grid": [QUICK_LR[net]], "scores": {},
+                           "bracketed": False}
+        else:
+            chosen[net] = select_lr(ctx, ghn_run, _maker(ctx, net, steps), grid, seeds[:2],
+                                    score=val_area)
+    control = _maker(ctx, "ghn", control_steps)
+    todo = [_maker(ctx, net, steps)(chosen[net]["lr"], s) for net in NETS for s in seeds]
+    todo += [control(chosen["ghn"]["lr"], s) for s in seeds]
+    done = ctx.map(ghn_run, todo)
+    n = len(seeds)
+    runs = {net: done[i * n:(i + 1) * n] for i, net in enumerate(NETS)}
+    auc = {net: [points(area(r)) for r in runs[net]] for net in NETS}
+    final = {net: [points(accuracy_or_chance(r)) for r in runs[net]] for net in NETS}
+    final["ghn_control"] = [points(accuracy_or_chance(r)) for r in done[2 * n:]]
+    return {
+        "effects": {"auc_gap": [g - b for g, b in zip(auc["ghn"], auc["bn"], strict=True)],
+                    "ghn_control": [a - CONTROL_BAR for a in final["ghn_control"]]},
+        "test_auc": auc, "final_test_acc": final, "lr": chosen, "seeds": seeds,
+        "steps": steps, "control_steps": control_steps, "epoch_steps": epoch,
+        "curves": {net: [{"planned": r["planned"], "curves": {
+            k: r["curves"][k] for k in ("step", "test_acc")}} for r in runs[net]]
+            for net in NETS},
+    }
 
 
 def plot(m: dict, out_dir: Path) -> list[str]:
@@ -176,24 +129,33 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"ghn": "tab:purple", "bn": "tab:blue", "plain": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(6.6, 4.3))
-    epoch = m["epoch_steps"]
-    for net in NETS:
-        n = m["nets"][net]
-        for i, e in enumerate(n["evals"]):
-            ax.plot([s / epoch for s in e["step"]], e["test_acc"], color=colors[net], lw=1.3,
-                    marker=".", label=f"{LABELS[net]}, Adam lr {n['best_lr']:g}" if i == 0
-                    else None)
-    ax.axvline(1.0, color="black", ls=":", lw=0.8)
+    colors = {"ghn": "tab:purple", "bn": "tab:blue"}
+    labels = {n: f"{LABELS[n]}, Adam {m['lr'][n]['lr']:g}" for n in NETS}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.3), width_ratios=(2.2, 1))
+    plot_curves(ax, m["curves"], "test_acc", colors, labels, x_scale=m["epoch_steps"])
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.01)
-    ax.set_title(f"Learning curves, {m['depth']}x{m['width']} MLPs on {m['data']} (inputs in "
-                 f"[0, 1]), batch {m['batch']};\neach net at the Adam lr that learned fastest "
-                 "in its first epoch (dotted: the epoch the verdict reads)", fontsize=9)
+    ax.set_ylabel("test accuracy (%), thin: one seed")
+    ax.set_ylim(0, 100.5)
+    ax.set_title(f"{DEPTH}x{WIDTH} MLPs on {DATA} (inputs in [0, 1]), batch {BATCH}; each "
+                 "net at the Adam rate\nwith the largest area under its validation curve",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    columns = (("ghn_control", f"GHN\n{m['control_steps']} steps", "tab:purple"),
+               ("ghn", f"GHN\n{m['steps']} steps", "tab:purple"),
+               ("bn", f"BN\n{m['steps']} steps", "tab:blue"))
+    for i, (key, _, color) in enumerate(columns):
+        vals = m["final_test_acc"][key]
+        ax2.scatter([i] * len(vals), vals, color=color, alpha=0.6)
+        ax2.plot([i - 0.2, i + 0.2], [sum(vals) / len(vals)] * 2, color=color, lw=2)
+    ax2.axhline(CONTROL_BAR, color="black", ls=":", lw=0.8,
+                label=f"control bar {CONTROL_BAR:g}%")
+    ax2.set_xticks(range(len(columns)))
+    ax2.set_xticklabels([c[1] for c in columns], fontsize=8)
+    ax2.set_ylabel("final test accuracy (%), one dot per seed")
+    ax2.set_title("Positive control and final accuracies", fontsize=9)
+    ax2.legend(fontsize=8)
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
     return save_plot(fig, out_dir, "ghn_fast_learning_curves.png")
 
 
@@ -209,26 +171,67 @@ CLAIM = Claim(
               "exists).",
     source="Lixin Fan, 'Revisit Fuzzy Neural Network: Demystifying Batch Normalization and "
            "ReLU with Generalized Hamming Network', NeurIPS 2017 (abstract, MNIST learning "
-           "curves); the kamwoh/ghn re-implementation (normalized form, relu(0.5 + h))",
-    setup=f"MLPs of {DEPTH} hidden layers x {WIDTH} units on the study's dataset (digits 8x8 by "
-          "default) with inputs mapped to [0, 1] (training min/max): GHN (normlab.nn.GHNLinear "
-          "normalized=True -> relu(0.5 + h), GHNLinear output; no learned bias, no BN), the "
-          "same with Linear(no bias) -> normlab BatchNorm -> ReLU, and Linear(+bias) -> ReLU "
-          f"without BN. Adam, batch {BATCH}, {EPOCHS} epochs at the default budget (x0.25 "
-          "quick, at least 1 epoch), test accuracy every quarter epoch; each network at the "
-          f"Adam lr from {list(LRS)} with the lowest mean training loss over the first epoch "
-          "(the fastest learner on training data, chosen without the test set); seeds: the "
-          "budget's. (Revised once: the first grid stopped at 0.03, where GHN's choice sat at "
-          "the grid's edge, and left out the re-implementation's own Adam rate 0.1.)",
-    criterion="acc1 = test accuracy after one epoch, mean over seeds, each net at its chosen "
-              "lr. Reproduced if GHN never diverges and acc1(BN) - acc1(GHN) <= 2 points; not "
-              "reproduced if GHN diverges or lags by more than 2 points plus the larger seed "
-              "range of the two; inconclusive otherwise. The plain net is a reference, not "
-              "part of the verdict.",
+           "curves); the kamwoh/ghn re-implementation (normalized form, relu(0.5 + h); "
+           "README: 89.0-95.9% MNIST test accuracy after one epoch, Adam 0.1)",
+    setup=(f"{DEPTH}x{WIDTH} MLPs on {DATA} (real MNIST, 28x28), inputs mapped to [0, 1] with "
+           "the training part's min/max: GHN (normlab.nn.GHNLinear normalized=True -> "
+           "relu(0.5 + h), GHNLinear output; no learned bias, no BN) and Linear(no bias) -> "
+           "normlab BatchNorm -> ReLU. Each seed draws its own train/validation/test split, "
+           "initial weights and batch order, shared by both nets. Adam, batch "
+           f"{BATCH}, {EPOCHS} epochs for both (x0.25 at the quick budget), validation and "
+           "test accuracy every quarter epoch. Each net's Adam rate is chosen on seeds 0-1 "
+           f"from {list(LR_GRID)} (extended while the best is at an edge) by the area under "
+           "its validation-accuracy curve (the fastest learner on held-out data; at the "
+           f"quick budget: GHN {QUICK_LR['ghn']:g}, BN {QUICK_LR['bn']:g}, no selection). "
+           "Positive control: GHN at its chosen rate trained for as many Adam steps as "
+           f"the re-implementation's one MNIST epoch ({CONTROL_STEPS}: 48,000 images in "
+           "batches of 32), its final test accuracy against that epoch's lowest "
+           f"published accuracy ({CONTROL_BAR:g}%)."),
     measure=measure,
-    judge=judge,
+    effects=(
+        Effect("auc_gap", f"GHN minus BN area under the test-accuracy curve over {EPOCHS} "
+               "epochs (mean of the quarter-epoch evaluations)", "points", "greater",
+               threshold=-LAG_MARGIN, previous_noise=3.9),
+        Effect("ghn_control", f"GHN test accuracy after {CONTROL_STEPS} steps minus "
+               f"{CONTROL_BAR:g}% (the re-implementation's lowest published one-epoch MNIST "
+               "accuracy)", "points",
+               "greater", threshold=0.0, role="premise"),
+    ),
+    lessons={
+        "reproduced": "A GHN MLP, with its bias computed per sample and no normalization, "
+                      "learned about as fast as a batch-normalized MLP here.",
+        "not reproduced": "A GHN MLP learned more slowly than a batch-normalized MLP here, "
+                          "so do not count on the computed bias as a replacement for BN.",
+        "inconclusive": "The measurement cannot yet tell whether a GHN MLP learns as fast as "
+                        "a batch-normalized one.",
+        "not testable at this scale": "This GHN MLP did not reach the accuracy the "
+                                      "re-implementation reports on MNIST, so its speed "
+                                      "against BN says nothing about the paper's networks.",
+    },
+    setup_change=("Before: 8x8 digits, every net's Adam rate chosen by its first-epoch "
+                  "training loss, judged on test accuracy after exactly one epoch (a point on "
+                  "a noisy curve) over 2 seeds on one split, with no check that the GHN setup "
+                  "can reach the accuracy the method is reported to reach. Now: real MNIST "
+                  "digits (mnist5k, 1,000 test images a seed) as in the paper, rates chosen on "
+                  "validation, the area under the whole test-accuracy curve (smoother than one "
+                  "point), a paired design over 5 seeds, and a positive control against the "
+                  "re-implementation's published number (issue 18). Disclosed: the control "
+                  "was first declared as GHN's accuracy at the end of the 5-epoch runs; a "
+                  "first run showed GHN still climbing there, so the control now gives GHN "
+                  "the re-implementation's own number of updates (1,500), the closest match "
+                  "to how the published number was obtained; the claim effect and its "
+                  "margin are as first declared."),
+    criterion_change=("acc(BN) - acc(GHN) after one epoch <= 2 points on means (reproduced), "
+                      "> 2 points + seed range (not reproduced)",
+                      f"GHN - BN area under the test curve: interval above -{LAG_MARGIN:g} "
+                      f"points; premise: GHN's final accuracy - {CONTROL_BAR:g}%: interval "
+                      "above 0, else not testable at this scale"),
+    scale_note=("The re-implementation's numbers come from a LeNet-style GHN CNN trained on "
+                "48,000 MNIST images (one epoch is about 1,500 Adam steps); here an MLP sees "
+                "3,200 images for a few hundred steps, so a GHN that needs many updates for "
+                "its weights to grow out of the near-constant output of a normalized Hamming "
+                "layer at standard initialisation can fall short here and still match the "
+                "paper at full scale."),
     requires=("normlab.nn.GHNLinear",),
     plot=plot,
-    takeaway="Fast learning without BN is as reported by Fan; a GHN MLP learned far slower "
-             "than a BN MLP here, so do not count on it as a BN replacement.",
 )
