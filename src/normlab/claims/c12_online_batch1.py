@@ -1,72 +1,34 @@
-"""Claim 12: Online Normalization at batch size 1 matches BatchNorm at a normal batch size."""
+"""Claim 12: Online Normalization, which needs no batch, matches BatchNorm at the same
+batch size."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims._batch_sweep import (
-    epochs_at,
-    points,
-    pts,
-    sampling_noise,
-    scaled_lr,
-    steps_for_epochs,
-    summary,
-)
+from normlab.claims._batch import MLP, MLP_KWARGS, arm_steps, num_fit, paired, run_arms, seed_dots
 from normlab.claims.base import Claim, RunContext, save_plot
+from normlab.claims.design import train_run
+from normlab.claims.protocol import Effect
 
-DATA = "digits"
-MODEL = "cnn"
-MODEL_KWARGS = {"width": 16, "depth": 3}
-BASE_LR = 0.05  # at batch 32, scaled linearly with the batch
-#: epochs at the quick / default / full budgets (the same for both batch sizes)
-EPOCHS = {"quick": 2.0, "default": 8.0, "full": 20.0}
-#: (norm, batch size) of the runs; the first two are judged, the third is a reference.
-RUNS = (("on", 1), ("bn", 32), ("on", 32))
-#: ON at batch 1 may fall at most this far below BN at batch 32.
-MAX_SHORTFALL = 0.01
+DATA = "mnist5k"  # 28x28 MNIST, closest to the paper's Fashion-MNIST MLP; 1,000 test images
+BATCH = 32
+#: Epochs, and at least this many steps.
+EPOCHS = 8.0
+MIN_STEPS = 600
+#: "Matches" = within this many points: the paper's ON-BN differences are 0.0-0.1 points
+#: (CIFAR-10/100, ImageNet, Fashion-MNIST) while the next-best norm on CIFAR-10 (IN 90.4,
+#: GN 90.3) is 1.9 points behind BN; half that gap, rounded to 1 point.
+MARGIN = 1.0
 
 
 def measure(ctx: RunContext) -> dict:
-    ds = ctx.dataset(DATA)
-    n_train = int(ds.x_train.shape[0])
-    epochs = epochs_at(ctx, **EPOCHS)
-    seeds = list(range(ctx.budget.seeds))
-    results: dict[str, dict] = {}
-    for norm, bs in RUNS:
-        steps = steps_for_epochs(epochs, n_train, bs)
-        lr = scaled_lr(BASE_LR, bs)
-        runs = [ctx.train(model=MODEL, norm=norm, data=DATA, batch_size=bs, lr=lr,
-                          steps=steps, seed=s, model_kwargs=MODEL_KWARGS) for s in seeds]
-        entry = summary([r["final_test_acc"] for r in runs])
-        entry.update({"batch_size": bs, "steps": steps, "lr": lr,
-                      "diverged": sum(bool(r["diverged"]) for r in runs),
-                      "train_seconds": sum(r["train_time_s"] for r in runs) / len(runs),
-                      "evals_seed0": runs[0]["evals"]})
-        results[f"{norm}@{bs}"] = entry
-    on1, bn32 = results["on@1"], results["bn@32"]
-    return {
-        "epochs": epochs,
-        "seeds": len(seeds),
-        "runs": results,
-        "shortfall": bn32["mean"] - on1["mean"],
-        "seed_range": max(on1["range"], bn32["range"]),
-        "test_noise": sampling_noise(0.5 * (on1["mean"] + bn32["mean"]), int(ds.x_test.shape[0])),
-    }
-
-
-def judge(m: dict) -> tuple[str, str]:
-    short, noise = m["shortfall"], max(m["seed_range"], m["test_noise"])
-    on1, bn32 = m["runs"]["on@1"], m["runs"]["bn@32"]
-    facts = (f"ON at batch 1 {points(on1['mean'])} vs BN at batch 32 {points(bn32['mean'])} "
-             f"mean test accuracy after {m['epochs']:g} epochs each; shortfall "
-             f"{pts(short)} (limit {pts(MAX_SHORTFALL)}; noise {pts(noise)} = max(seed range "
-             f"{pts(m['seed_range'])}, test-set sampling {pts(m['test_noise'])})).")
-    if short <= MAX_SHORTFALL:
-        return "reproduced", facts
-    if short > MAX_SHORTFALL + noise:
-        return "not reproduced", facts
-    return "inconclusive", "The shortfall is within the noise of the limit: " + facts
+    steps = arm_steps(ctx, BATCH, num_fit(DATA), EPOCHS, MIN_STEPS)
+    arms = {norm: {"model": MLP, "norm": norm, "data": DATA, "batch_size": BATCH,
+                   "model_kwargs": MLP_KWARGS} for norm in ("on", "bn")}
+    out = run_arms(ctx, train_run, arms, {"on": steps, "bn": steps})
+    acc = out["acc"]
+    return {"effects": {"on_minus_bn": paired(acc["on"], acc["bn"])}, "acc": acc,
+            "lr": out["lr"], "steps": steps, "seeds": ctx.seeds}
 
 
 def plot(m: dict, out_dir: Path) -> list[str]:
@@ -75,55 +37,61 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"on@1": ("Online Norm, batch 1", "tab:red", "-"),
-              "bn@32": ("BatchNorm, batch 32", "tab:blue", "-"),
-              "on@32": ("Online Norm, batch 32", "tab:red", ":")}
-    for key, (label, color, ls) in styles.items():
-        run = m["runs"].get(key)
-        if run is None:
-            continue
-        ev = run["evals_seed0"]
-        # x axis in epochs, so batch 1 and batch 32 compare at equal samples seen
-        epochs = [s * m["epochs"] / run["steps"] for s in ev["step"]]
-        ax.plot(epochs, [100 * a for a in ev["test_acc"]], ls, color=color,
-                label=f"{label}: {100 * run['mean']:.1f}%")
-    ax.set_xlabel("epochs (samples seen / training set size)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Online Norm at batch 1 vs BN at batch 32 (CNN, {DATA})")
-    ax.grid(alpha=0.3)
-    ax.legend(title=f"curves: seed 0; legend: mean of {m['seeds']}")
-    return save_plot(fig, out_dir, "online_batch1_curves.png")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    seed_dots(ax, [("BatchNorm", m["acc"]["bn"], "tab:blue"),
+                   ("Online Norm", m["acc"]["on"], "tab:red")])
+    ax.set_title(f"Online Norm vs BN at batch {BATCH} (MLP on {DATA}, {m['steps']} steps)\n"
+                 "lr chosen per arm on validation; grey lines join a seed", fontsize=9)
+    return save_plot(fig, out_dir, "online_batch1_acc.png")
 
 
 CLAIM = Claim(
     number=12,
     id="online_batch1",
-    title="Online Norm at batch size 1 matches BN at a normal batch size",
+    title="Online Norm (no batch statistics) matches BN at the same batch size",
     statement=("Online Normalization normalizes with streaming estimates of the statistics "
-               "and needs no batch: trained with batch size 1 it matches batch normalization "
-               "at normal batch sizes, e.g. CIFAR-10 ResNet-20 92.3% vs BN 92.2% (BN at batch "
-               "128), ImageNet ResNet-50 76.3% vs 76.4%."),
+               "and needs no batch (it runs at batch size 1); at the same training setup it "
+               "matches batch normalization, e.g. CIFAR-10 ResNet-20 92.3% vs BN 92.2%, "
+               "ImageNet ResNet-50 76.3% vs 76.4%, Fashion-MNIST MLP 88.9% vs 88.8%."),
     source=("Chiley et al., Online Normalization for Training Neural Networks, NeurIPS 2019, "
-            "experiments (CIFAR-10/100 ResNet-20, ImageNet ResNet-50); authors' "
-            "ExpReproducibility.md and poster."),
-    setup=(f"CNN (width 16, depth 3) on {DATA}; Online Norm (alpha_f 0.999, alpha_b 0.99, "
-           f"layer scaling) at batch 1 vs BN at batch 32, the same number of epochs "
-           f"({EPOCHS['default']:g} at the default budget, {EPOCHS['quick']:g} at quick; batch 1 "
-           "makes 32x "
-           "the steps), SGD momentum 0.9, learning rate scaled linearly with the batch "
-           f"({BASE_LR} at batch 32, {BASE_LR / 32:g} at batch 1); Online Norm at batch 32 as a "
-           "reference. Final test accuracy, mean over the budget's seeds."),
-    criterion=(f"Reproduced if ON at batch 1 is at most {100 * MAX_SHORTFALL:g} point below BN "
-               f"at batch 32 (mean test accuracy; above is fine). Not reproduced if it is more "
-               f"than {100 * MAX_SHORTFALL:g} point plus the noise below, noise = max(the "
-               "larger seed-to-seed range of the two, two standard errors of a difference of two "
-               "test accuracies from the finite test set, 2 sqrt(2p(1-p)/n_test)). Inconclusive "
-               "in between."),
+            "experiments (CIFAR-10/100 ResNet-20, ImageNet ResNet-50, Fashion-MNIST MLP); "
+            "authors' ExpReproducibility.md and poster."),
+    setup=(f"MLP (2 hidden layers of 64) on {DATA}; Online Norm (alpha_f 0.999, alpha_b 0.99, "
+           f"layer scaling) and BN at the same batch, {BATCH}, each {EPOCHS:g} epochs and at "
+           f"least {MIN_STEPS} steps (SGD, momentum 0.9, constant rate). Each seed draws its "
+           "own split, initial weights and batch order, shared by the two arms; each arm's "
+           "rate is chosen on validation accuracy (seeds 0-1) from [0.015, 0.05, 0.15], "
+           "extended while the best is at an edge."),
     measure=measure,
-    judge=judge,
+    effects=(
+        Effect("on_minus_bn", f"Online Norm minus BN test accuracy at batch {BATCH}",
+               "points", "equivalent", margin=MARGIN, previous_noise=2.1),
+    ),
+    lessons={
+        "reproduced": "Online Norm trains like BN without using batch statistics, so it "
+                      "is an option where the batch is tiny or samples arrive one at a "
+                      "time; expect a slower step (its statistics are a per-sample scan).",
+        "not reproduced": "At this scale Online Norm's streaming statistics did not match "
+                          "BN at the same batch within the margin.",
+        "inconclusive": "The measurement cannot yet tell whether Online Norm matches BN "
+                        "at the same batch within the margin.",
+    },
+    setup_change=("Before: ON at batch 1 against BN at batch 32 in a CNN on digits, the same "
+                  "epochs (so the two arms differed in normalizer, batch and steps at once), "
+                  "one rate scaled linearly, 2 seeds on one split, a point-estimate rule. "
+                  "Now: ON and BN at the same batch, as the paper compares them, in an MLP "
+                  "on 28x28 MNIST (the paper's own small-scale test is a Fashion-MNIST MLP; "
+                  "1,000 test images a seed), each arm's rate chosen on validation, 5 paired "
+                  "seeds with seed-drawn splits, judged by an equivalence interval."),
+    criterion_change=("ON at batch 1 at most 1 point below BN at batch 32 (point estimate; "
+                      "not reproduced beyond 1 point plus max(seed range, unpaired sampling "
+                      "term))",
+                      f"ON - BN at batch {BATCH}: interval inside ±{MARGIN:g} point to "
+                      "reproduce, entirely outside not to"),
+    scale_note=("The paper's ON results are 250-epoch CIFAR and 90-epoch ImageNet ResNets "
+                "with tuned momenta (alpha_f, alpha_b per dataset); here ON uses its ImageNet "
+                "defaults in a 2-layer MLP for a few epochs, where its streaming statistics "
+                "have fewer steps to settle."),
     requires=("normlab.nn.OnlineNorm", "normlab.nn.BatchNorm"),
     plot=plot,
-    takeaway=("When memory forces batch size 1, Online Norm keeps BN-like training without a "
-              "batch; expect many more (cheaper) steps per epoch."),
 )
