@@ -10,7 +10,7 @@ import pytest
 from normlab.claims import get_claim
 from normlab.claims import protocol as P
 from normlab.claims._batch import arm_steps, paired, run_arms
-from normlab.claims.base import Budget, RunContext
+from normlab.claims.base import Budget, PendingRuns, RunContext
 from normlab.claims.design import split
 
 TINY = Budget("test", step_scale=0.02, seeds=2, decisive=False)
@@ -39,7 +39,7 @@ def test_claim_measures_judges_and_plots(number, tmp_path):
 
 def test_equivalence_claims_declare_margins_and_previous_noise():
     for number, keys in ((9, ("gap_b1", "gap_b2")), (12, ("on_minus_bn",)),
-                         (10, ("sn_vs_best_b2", "sn_vs_best_b32"))):
+                         (10, ("sn_vs_best_b4", "sn_vs_best_b32"))):
         effects = {e.key: e for e in get_claim(str(number)).effects}
         for key in keys:
             assert effects[key].test == "equivalent" and effects[key].margin > 0
@@ -70,8 +70,20 @@ def test_run_arms_chooses_on_validation_and_reuses_selection_runs(tmp_path):
     assert out["lr"]["large"]["lr"] == pytest.approx(0.05)
     assert out["acc"]["small"] == pytest.approx([50.0, 60.0, 70.0, 80.0])  # seed order
     assert [r["steps"] for r in out["runs"]["small"]] == [50] * 4
-    # seeds 0-1 of the final runs are the selection runs at the chosen rate
-    assert ctx.runs_reused == 4 and ctx.runs_done == 2 * 3 * 2 + 2 * 2
+    # seeds 0-1 of the final runs are the selection runs at the chosen rate, and
+    # select_lr reuses the first rounds asked for all arms at once
+    assert ctx.runs_done == 2 * 3 * 2 + 2 * 2
+    assert ctx.runs_reused == 2 * 3 * 2 + 4
+
+
+def test_run_arms_asks_for_every_arms_first_round_at_once(tmp_path):
+    ctx = RunContext("t", Budget("t", 1.0, 3), tmp_path, plan=True)
+    with pytest.raises(PendingRuns) as info:
+        run_arms(ctx, _val_peak, {"a": {"batch_size": 4}, "b": {"batch_size": 32}},
+                 {"a": 5, "b": 5})
+    specs = info.value.specs
+    assert len(specs) == 2 * 3 * 2  # 2 arms x 3 rates x seeds 0-1
+    assert {s.kwargs["batch_size"] for s in specs} == {4, 32}
 
 
 def test_paired_is_per_seed():

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims._batch import MLP, MLP_KWARGS, arm_steps, num_fit, paired, run_arms, seed_dots
+from normlab.claims._batch import (
+    MLP,
+    MLP_EPOCHS,
+    MLP_KWARGS,
+    MLP_MIN_STEPS,
+    arm_steps,
+    num_fit,
+    paired,
+    run_arms,
+    seed_dots,
+)
 from normlab.claims.base import Claim, RunContext, save_plot
 from normlab.claims.design import train_run
 from normlab.claims.protocol import Effect
 
 DATA = "digits"
 SMALL, LARGE = 4, 32
-#: Epochs at every batch size, and at least this many steps (so batch 32 converges too).
-EPOCHS = 4.0
-MIN_STEPS = 800
+#: Epochs at every batch size, and at least this many steps (so batch 32 converges too):
+#: the rule of claims 7, 9 and 10, whose arms at the same batch are the same runs.
+EPOCHS, MIN_STEPS = MLP_EPOCHS, MLP_MIN_STEPS
 #: The smallest rise of BN's error the paper calls a degradation: ResNet-50 at 8 images
 #: per GPU, 24.8% against 23.6% at 32 (Wu & He, Fig. 1), about 1 point.
 MIN_DEGRADATION = 1.0

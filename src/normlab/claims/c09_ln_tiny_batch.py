@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims._batch import MLP, MLP_KWARGS, arm_steps, num_fit, paired, run_arms, seed_dots
+from normlab.claims._batch import (
+    MLP,
+    MLP_EPOCHS,
+    MLP_KWARGS,
+    MLP_MIN_STEPS,
+    arm_steps,
+    num_fit,
+    paired,
+    run_arms,
+    seed_dots,
+)
 from normlab.claims.base import Claim, RunContext, save_plot
 from normlab.claims.design import train_run
 from normlab.claims.protocol import Effect
@@ -13,9 +23,8 @@ DATA = "digits"
 TINY = (1, 2)
 REFERENCE = 32
 #: Epochs at every batch size, and at least this many steps (so batch 32 converges too):
-#: the same rule as claim 7's, so the LN runs at batch 32 are the same runs.
-EPOCHS = 4.0
-MIN_STEPS = 800
+#: the rule of claims 7, 9 and 10, whose arms at the same batch are the same runs.
+EPOCHS, MIN_STEPS = MLP_EPOCHS, MLP_MIN_STEPS
 #: "Works at batch 1" = within this many points of LN at batch 32. The paper gives no
 #: number; it is the lab's stability margin for GN across batch sizes (claim 8), where
 #: Wu & He's GN moves by 0.2 points while BN moves by 11.
