@@ -34,33 +34,27 @@ EPOCHS, MIN_STEPS = MLP_EPOCHS, MLP_MIN_STEPS
 MARGIN = 1.0
 
 
-def sn_run(*, model: str, norm: str, data: str, batch_size: int, lr: float, steps: int,
-           seed: int, model_kwargs: Mapping, train_kwargs: Mapping) -> dict:
-    """:func:`normlab.claims.design.train_run` for a Switchable Norm model, plus SN's
-    learned weight on the BN term (``bn_weight``: the mean of its mean- and
-    variance-weights, averaged over the SN layers)."""
-    import torch
-
-    from normlab import models
-    from normlab.claims.design import split
+def sn_run(*, train_kwargs: Mapping, steps: int, **kwargs) -> dict:
+    """:func:`normlab.claims.design.train_run` (same arguments) for a Switchable Norm
+    model, plus SN's learned weights: ``sn_weights`` (per SN layer) and ``bn_weight``
+    (the mean over layers of the mean of its mean- and variance-weights on the BN term),
+    read after the last update (or the last tenth of the run reached, if it diverged)."""
     from normlab.nn import SwitchableNorm
-    from normlab.train import evaluate, train
 
-    fit, (x_val, y_val) = split(data, seed)
-    torch.manual_seed(seed)
-    net = models.build(model, fit.in_shape, fit.num_classes, norm=norm, **dict(model_kwargs))
-    result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                   progress=False, **dict(train_kwargs)).to_dict()
-    result.pop("curve", None)
-    val_loss = val_acc = None
-    if not result["diverged"]:
-        val_loss, val_acc = evaluate(net, x_val, y_val)
-    # an MLP's (N, C) input has no positions: SN mixes LN and BN only
-    weights = [m.mixture_weights(with_instance=False) for m in net.modules()
-               if isinstance(m, SwitchableNorm)]
-    bn = [0.5 * (w["mean"]["batch"] + w["var"]["batch"]) for w in weights]
-    result.update(val_acc=val_acc, val_loss=val_loss, num_classes=fit.num_classes,
-                  sn_weights=weights, bn_weight=sum(bn) / len(bn))
+    seen: list = []
+
+    def read(step: int, model, info) -> None:
+        if step == steps or step % max(steps // 10, 1) == 0:
+            # an MLP's (N, C) input has no positions: SN mixes LN and BN only
+            seen[:] = [m.mixture_weights(with_instance=False) for m in model.modules()
+                       if isinstance(m, SwitchableNorm)]
+
+    result = train_run(steps=steps, **kwargs,
+                       train_kwargs={**train_kwargs, "callbacks": [read]})
+    if not seen:
+        raise RuntimeError(f"sn_run: no update was made in {steps} steps; nothing to read")
+    bn = [0.5 * (w["mean"]["batch"] + w["var"]["batch"]) for w in seen]
+    result.update(sn_weights=seen, bn_weight=sum(bn) / len(bn))
     return result
 
 
