@@ -72,7 +72,9 @@ def measure(ctx: RunContext) -> dict:
         for b in (SMALL, LARGE):
             arms[f"{norm}_b{b}"] = {"model": MLP, "norm": norm, "data": DATA,
                                     "batch_size": b, "model_kwargs": MLP_KWARGS}
-            steps[f"{norm}_b{b}"] = arm_steps(ctx, b, n_fit, EPOCHS, MIN_STEPS)
+            full = arm_steps(ctx, b, n_fit, EPOCHS, MIN_STEPS)
+            # the quick smoke test at half its scaled steps: SN's steps are 4x LN's
+            steps[f"{norm}_b{b}"] = ctx.budget.pick(quick=max(10, full // 2), default=full)
     ref = run_arms(ctx, train_run, arms, steps)
     sn_arms = {f"sn_b{b}": {**arms[f"bn_b{b}"], "norm": "sn"} for b in (SMALL, LARGE)}
     sn = run_arms(ctx, sn_run, sn_arms, {k: steps[f"bn_b{k[4:]}"] for k in sn_arms})

@@ -23,7 +23,8 @@ TRAIN_KWARGS = {"schedule": "cosine"}
 def measure(ctx: RunContext) -> dict:
     arms = {norm: {"model": MODEL, "norm": norm, "data": DATA, "batch_size": BATCH,
                    "model_kwargs": MODEL_KWARGS} for norm in ("an", "bn")}
-    steps = ctx.budget.steps(STEPS)
+    # the quick smoke test at half its scaled steps: AN's steps are 3x BN's
+    steps = ctx.budget.steps(ctx.budget.pick(quick=STEPS // 2, default=STEPS))
     out = run_arms(ctx, train_run, arms, {"an": steps, "bn": steps}, train_kwargs=TRAIN_KWARGS)
     acc = out["acc"]
     return {"effects": {"an_minus_bn": paired(acc["an"], acc["bn"])}, "acc": acc,
