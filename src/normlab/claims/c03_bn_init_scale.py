@@ -132,6 +132,12 @@ CLAIM = Claim(
                       "plain-net sensitivity minus BN's: interval above 0 points"),
     scale_note=("A 3-block CNN is shallow: a badly scaled init compounds over few layers, "
                 "so the plain net may recover from scales a deep network would not."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The "
+                "per-seed sensitivity also varies with the chosen rates; halving the interval "
+                "would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),
     plot=plot,
 )

@@ -171,6 +171,12 @@ CLAIM = Claim(
                 "dominated by a few outlier directions; the seed article's picture is of "
                 "deep networks, where BN's effect on the outliers (Ghorbani et al.) is "
                 "larger."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The probe "
+                "batch is also drawn per seed now; halving the interval would take several "
+                "times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),
     plot=plot,
 )

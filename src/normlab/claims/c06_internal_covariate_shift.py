@@ -190,6 +190,11 @@ CLAIM = Claim(
                 "8-layer ReLU MLP on 8x8 digits is of the same kind. BN fixes its layer's "
                 "output mean and variance per batch, so part of the effect holds by "
                 "construction at any scale."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Halving "
+                "it would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),
     plot=plot,
 )

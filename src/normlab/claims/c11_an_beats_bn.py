@@ -91,6 +91,12 @@ CLAIM = Claim(
                 "components in each bottleneck; a 3-layer 1-D CNN on MNIST-1D has little "
                 "capacity for per-sample re-calibration to help, so a smaller gain than the "
                 "paper's 1.4 points may not show."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Each arm "
+                "also has its own rate now; the per-seed spread of AN minus BN would need an "
+                "order of magnitude more seeds to reach the old figure's half."),
     requires=("normlab.nn.AttentiveNorm", "normlab.nn.BatchNorm"),
     plot=plot,
 )

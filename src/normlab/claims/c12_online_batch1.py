@@ -92,6 +92,11 @@ CLAIM = Claim(
                 "with tuned momenta (alpha_f, alpha_b per dataset); here ON uses its ImageNet "
                 "defaults in a 2-layer MLP for a few epochs, where its streaming statistics "
                 "have fewer steps to settle."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Halving "
+                "it would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.OnlineNorm", "normlab.nn.BatchNorm"),
     plot=plot,
 )

@@ -135,6 +135,12 @@ CLAIM = Claim(
                 "the weight-decay objective's balance across layers, which matters more the "
                 "deeper and longer the training; and a plain MLP has no batch statistics, so "
                 "'small batch' here only changes the gradient noise, not a normalizer."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The "
+                "per-seed spread of ENorm minus plain needs about three times the seeds to "
+                "halve the interval, beyond the claim's CPU share."),
     requires=("normlab.nn.ENorm",),
     plot=plot,
 )

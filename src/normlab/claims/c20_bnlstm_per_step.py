@@ -230,6 +230,9 @@ CLAIM = Claim(
                 "characters, where BN's control of the gradient through many steps matters; "
                 "here 8 rows of 8 pixels, so an LSTM has little trouble to overcome, and the "
                 "per-step statistics differ across only 8 steps."),
+    width_note=("The old figures were a fixed 1-point floor and a two-seed range, not measured "
+                "95% intervals. Halving the speed interval would take tens of seeds, far "
+                "beyond the claim's CPU share."),
     requires=("normlab.nn.BNLSTM",),
     plot=plot,
 )

@@ -175,6 +175,10 @@ CLAIM = Claim(
                 "varies a lot; here 8 rows of 8 pixels with a one-layer LSTM, where the input "
                 "term is already standardised data, so there is less for BN of the input to "
                 "fix."),
+    width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
+                "sampling term, with no t multiplier), which understates the 95% uncertainty; "
+                "the new interval draws a split per seed, so it counts the test set's sampling "
+                "too, and with 5 seeds it is 2.78 standard errors wide on each side."),
     requires=("normlab.nn.InputBNLSTM",),
     plot=plot,
 )
