@@ -52,7 +52,7 @@ $(INTEROP_STAMP): pyproject.toml Makefile
 	touch $(INTEROP_STAMP)
 
 test-interop: $(INTEROP_STAMP)
-	$(INTEROP_PY) -m pytest -m interop tests/test_interop_real.py
+	$(INTEROP_PY) -m pytest -m interop tests/project/test_interop_real.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -1,4 +1,4 @@
-"""The ranks of the 2-process gloo test of tests/test_interop_real.py (importable by
+"""The ranks of the 2-process gloo test of tests/project/test_interop_real.py (importable by
 spawned children): each loads the timm model the parent saved, converts it with
 :func:`normlab.nn.to_sync_batchnorm`, trains one step on its half of the batch and
 saves what it got for the parent to compare with the single-process model."""

@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_sync_header.py (importable by spawned children).
+"""Worker processes for tests/nn/test_sync_header.py (importable by spawned children).
 
 Each rank joins a gloo group on 127.0.0.1 (the default group with a 60 s timeout, for
 the rendezvous and the barriers) and creates a second group of both ranks with a

@@ -1,6 +1,6 @@
 """swap_norm on norm-activation layers (timm's BatchNormAct2d style: a norm with drop
 and act modules applied after it) keeps the activation (issue 14, item 5; the real
-timm model is in tests/test_interop_real.py)."""
+timm model is in tests/project/test_interop_real.py)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import torch
 
 import normlab
 from normlab import nn as nlnn
-from test_portability import CASE_IDS, CASES, Case, tensors, warm
+from project.test_portability import CASE_IDS, CASES, Case, tensors, warm
 
 pytestmark = pytest.mark.slow
 

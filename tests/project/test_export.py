@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_portability import CASE_IDS, CASES, tensors, warm
+from project.test_portability import CASE_IDS, CASES, tensors, warm
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import normlab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SRC = Path(normlab.__file__).parent
 
 

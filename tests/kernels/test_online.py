@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from normlab.nn import OnlineNorm
-from test_online import RefOnlineNorm
+from nn.test_online import RefOnlineNorm
 
 
 def _close(a, b, rtol, what=""):

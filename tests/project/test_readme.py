@@ -5,7 +5,7 @@ from pathlib import Path
 
 from normlab.cli import build_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_python_examples_run(capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import normlab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SRC = Path(normlab.__file__).parent
 LIMIT = 80
 # Files being rewritten by the lab's part of issue 16; remove each once it is done.
