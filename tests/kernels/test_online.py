@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from normlab.nn import OnlineNorm
 from nn.test_online import RefOnlineNorm
+from normlab.nn import OnlineNorm
 
 
 def _close(a, b, rtol, what=""):
