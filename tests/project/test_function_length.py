@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 SRC = Path(normlab.__file__).parent
 LIMIT = 80
 # Files being rewritten by the lab's part of issue 16; remove each once it is done.
-NOT_YET = ("claims/", "study.py", "report.py", "train.py")
+NOT_YET = ("train.py",)
 
 
 def _script():
