@@ -57,8 +57,11 @@ def _init_worker(parent_pid: int) -> None:
     import torch
 
     # One intra-op thread per worker: the models are small and the workers are as many
-    # as the cores.
-    torch.set_num_threads(1)
+    # as the cores. NORMLAB_WORKER_THREADS changes it: with more threads torch splits
+    # its reductions differently, which changes results at the level of rounding only
+    # (a check that verdicts do not hang on rounding); it is not part of a run's key, so
+    # use it on a fresh study folder.
+    torch.set_num_threads(int(os.environ.get("NORMLAB_WORKER_THREADS", "1")))
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
 
 
