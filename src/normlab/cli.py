@@ -359,7 +359,7 @@ def _add_study(sub) -> None:
                       help="the quick budget: a smoke test with shortened setups and 2 seeds that "
                       "decides no claim (at most 5 minutes)")
     size.add_argument("--full", action="store_const", dest="budget", const="full",
-                      help="the full budget: the default's setups over 10 seeds instead of 5")
+                      help="the full budget: the default's setups over 20 seeds instead of 10")
     p.set_defaults(budget="default")
     p.add_argument("--claims", nargs="+", metavar="ID", default=None,
                    help="only these claims (ids or numbers, see `normlab claims`)")

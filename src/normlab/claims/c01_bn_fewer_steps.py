@@ -187,7 +187,7 @@ CLAIM = Claim(
                   "split. Now (issue 18): rates chosen on validation by the area under the "
                   "validation curve (the claim is about speed), a declared target (95%) on a "
                   "smoothed, log-spaced test curve, a second, smoother effect (area under "
-                  "the test curve), 5 seeds with seed-drawn splits. The old measurement "
+                  "the test curve), 10 seeds with seed-drawn splits. The old measurement "
                   "had one finite ratio (BN never reached the target in seed 0), so it "
                   "shows no seed range: previous_noise is null."),
     criterion_change=("ratio >= 3 in every seed: reproduced; < 1.5 in every seed: not "

@@ -148,7 +148,7 @@ CLAIM = Claim(
     setup_change=("Before: the largest grid rate that trains, on a half-decade grid "
                   "(quantised to half decades), 2 seeds on one split, a grid that was not "
                   "extended. Now: the same grid extended at an edge, the limit interpolated "
-                  "between grid rates (a smooth per-seed value), 5 seeds with seed-drawn "
+                  "between grid rates (a smooth per-seed value), 10 seeds with seed-drawn "
                   "splits, paired per seed. The old measurement gave the same ratio in both "
                   "seeds (10x), so no seed range: previous_noise is null."),
     criterion_change=("BN's largest training rate >= 10x the plain net's in every seed",

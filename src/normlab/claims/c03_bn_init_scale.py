@@ -123,7 +123,7 @@ CLAIM = Claim(
                   "max - min accuracy over scales (a range of noisy values), 2 seeds on one "
                   "split. Now (issue 18): each arm's rate chosen on validation at scale 1 and "
                   "kept at every scale, sensitivity as the mean absolute change from scale 1 "
-                  "(smoother than a range), 5 seeds with seed-drawn splits, paired per seed. "
+                  "(smoother than a range), 10 seeds with seed-drawn splits, paired per seed. "
                   "previous_noise: the old measurement's seed range of the plain-minus-BN "
                   "spread gap (92.5 and 84.4 points: 8.1 points; a range, not a mean "
                   "absolute change, so only a rough yardstick)."),
@@ -135,7 +135,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. The "
                 "per-seed sensitivity also varies with the chosen rates; halving the interval "
                 "would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),

@@ -125,7 +125,7 @@ CLAIM = Claim(
                   "at its own rate chosen on validation, the dropout rate chosen on "
                   "validation, the premise 'dropout helps the plain net' declared as a "
                   "premise effect (not testable at this scale when its interval lies below "
-                  "0), 5 seeds with seed-drawn splits, paired per seed. The old measurement "
+                  "0), 10 seeds with seed-drawn splits, paired per seed. The old measurement "
                   "reported only means over seeds, no seed range: previous_noise is null."),
     criterion_change=("plain gain < 1 point: inconclusive; BN gain <= half the plain gain "
                       "and BN alone within 0.5 point of the best plain net: reproduced",

@@ -160,7 +160,7 @@ CLAIM = Claim(
                   "judged on 'every seed' rules; the Hessian probe lived in the claim file. "
                   "Now (issues 16, 18): each arm's rate chosen on validation, the probe in "
                   "normlab.claims._probes (tested against torch.autograd.functional.hessian), "
-                  "the probe batch drawn from each seed's own split, 5 seeds, paired per "
+                  "the probe batch drawn from each seed's own split, 10 seeds, paired per "
                   "seed. previous_noise: the old measurement's seed range of the kappa "
                   "ratio (at init 2.41 and 1.75: 0.66; trained 2.83 and 2.14: 0.69)."),
     criterion_change=("BN's kappa at most half the plain net's at init and after training "
@@ -174,7 +174,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The probe "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. The probe "
                 "batch is also drawn per seed now; halving the interval would take several "
                 "times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),

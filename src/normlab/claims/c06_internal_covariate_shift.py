@@ -179,7 +179,7 @@ CLAIM = Claim(
                   "checked per seed on point values; the probes lived in the claim file. "
                   "Now (issues 16, 18): each arm's rate chosen on validation, the probes "
                   "in normlab.claims._probes (tested there), 'both nets train' a premise "
-                  "effect, 5 seeds with seed-drawn splits, paired per seed; one figure. "
+                  "effect, 10 seeds with seed-drawn splits, paired per seed; one figure. "
                   "previous_noise: the old measurement's seed range of the drift ratio "
                   "(6.63 and 7.35: 0.72)."),
     criterion_change=("BN's total drift at most half the plain net's in every seed; "
@@ -193,7 +193,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Halving "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. Halving "
                 "it would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.BatchNorm",),
     plot=plot,

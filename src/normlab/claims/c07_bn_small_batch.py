@@ -111,7 +111,7 @@ CLAIM = Claim(
                   f"{LARGE}, exposing BN's mechanism (noisy batch statistics in training, "
                   "population statistics at test); LN, batch-independent, as the control "
                   "(GN's role in Wu & He); a step floor so batch 32 converges; each arm's "
-                  "rate chosen on validation; 5 paired seeds with seed-drawn splits. "
+                  "rate chosen on validation; 10 paired seeds with seed-drawn splits. "
                   "Non-i.i.d. batches (Batch Renorm's test) would need a sampler "
                   "normlab.train does not have; the i.i.d. small batch is the claim's own "
                   "setting."),

@@ -169,7 +169,7 @@ CLAIM = Claim(
     },
     setup_change=("Before: same epochs at batch 2, 4, 8, 32 with one rate scaled linearly, "
                   "2 seeds on one fixed split, judged on max(seed range, an unpaired "
-                  "sampling term). Now: a paired design over 5 seeds with seed-drawn "
+                  "sampling term). Now: a paired design over 10 seeds with seed-drawn "
                   "splits, each arm's rate chosen on validation, a step floor so batch 32 "
                   "converges, and the two effects judged by their 95% intervals."),
     criterion_change=("GN's spread over batch sizes <= 2 points and GN - BN at batch 2 > "
@@ -182,7 +182,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Every "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. Every "
                 "arm's rate is also chosen per arm on validation; halving the interval would "
                 "take several times the seeds at a cost over the claim's CPU share (batch-2 "
                 "runs take thousands of steps)."),

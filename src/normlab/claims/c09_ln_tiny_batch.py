@@ -94,7 +94,7 @@ CLAIM = Claim(
                   "quick-budget reference fell below batch 1) with one rate scaled linearly, "
                   "2 seeds on one split, BN attempts as a side show. Now: a step floor so "
                   "the batch-32 reference converges, each arm's rate chosen on validation, "
-                  "5 paired seeds with seed-drawn splits, and the batch-1 and batch-2 "
+                  "10 paired seeds with seed-drawn splits, and the batch-1 and batch-2 "
                   "differences judged by equivalence intervals."),
     criterion_change=("LN's mean at batch 1 and 2 each at most 2 points below batch 32 "
                       "(point estimate; not reproduced beyond 2 points plus max(seed range, "

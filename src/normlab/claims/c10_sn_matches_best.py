@@ -151,11 +151,12 @@ CLAIM = Claim(
     setup_change=("Before: a CNN at batch 2, 8, 32 with the same epochs (few steps at batch "
                   "32) and one rate scaled linearly, 2 seeds on one split, compared with the "
                   "better of BN and GN on test means. Now: an MLP (the CNN's SN arms cost "
-                  "several times the budget at 5 seeds with rates chosen per arm) at batch 4 "
+                  "several times the budget at the default seeds with rates chosen per arm) "
+                  "at batch 4 "
                   "and 32 with claim 7's arms (BN's statistics of 4 samples are noisy, so SN "
                   "has a real choice to make; batch 2 cost more than the budget); LN as the "
                   "per-sample norm; a step floor; each arm's rate chosen on validation; the "
-                  "better reference chosen on validation; 5 paired seeds."),
+                  "better reference chosen on validation; 10 paired seeds."),
     criterion_change=("SN's mean within 1 point of the better of BN and GN at every batch "
                       "(not reproduced beyond 1 point plus max(seed range, unpaired sampling "
                       "term)) and its BN weight >= 0.05 lower at the smallest batch",

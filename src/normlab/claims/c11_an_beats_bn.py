@@ -82,7 +82,7 @@ CLAIM = Claim(
                   "tuned for BN may not suit AN, whose attention head has its own BN), 600 "
                   "steps (the budget: AN's step costs about 3x BN's) with the paper's cosine "
                   "schedule instead of a constant rate (a first default run with a constant "
-                  "rate ended on unsettled models: interval half-width 2.9 points), 5 paired "
+                  "rate ended on unsettled models: interval half-width 2.9 points), 10 paired "
                   "seeds with seed-drawn data, judged by the 95% interval."),
     criterion_change=("mean paired AN - BN > 2 standard errors (not reproduced if <= 0 on "
                       "the point estimate)",
@@ -94,7 +94,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Each arm "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. Each arm "
                 "also has its own rate now; the per-seed spread of AN minus BN would need an "
                 "order of magnitude more seeds to reach the old figure's half."),
     requires=("normlab.nn.AttentiveNorm", "normlab.nn.BatchNorm"),

@@ -81,7 +81,7 @@ CLAIM = Claim(
                   "one rate scaled linearly, 2 seeds on one split, a point-estimate rule. "
                   "Now: ON and BN at the same batch, as the paper compares them, in an MLP "
                   "on 28x28 MNIST (the paper's own small-scale test is a Fashion-MNIST MLP; "
-                  "1,000 test images a seed), each arm's rate chosen on validation, 5 paired "
+                  "1,000 test images a seed), each arm's rate chosen on validation, 10 paired "
                   "seeds with seed-drawn splits, judged by an equivalence interval."),
     criterion_change=("ON at batch 1 at most 1 point below BN at batch 32 (point estimate; "
                       "not reproduced beyond 1 point plus max(seed range, unpaired sampling "
@@ -95,7 +95,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. Halving "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. Halving "
                 "it would take several times the seeds, beyond the claim's CPU share."),
     requires=("normlab.nn.OnlineNorm", "normlab.nn.BatchNorm"),
     plot=plot,

@@ -175,7 +175,7 @@ CLAIM = Claim(
                         "declared bounds.",
     },
     setup_change=("Before: 3 seeds, judged on the worst seed and input scale (a maximum "
-                  "over 9 numbers) with no noise model. Now: 5 seeds, one value per seed "
+                  "over 9 numbers) with no noise model. Now: 10 seeds, one value per seed "
                   "(SELU's worst input scale; the closest ReLU net), judged by 95% intervals "
                   "over seeds against the same bounds. The networks and the distance are "
                   "unchanged: the claim is about random networks, so no training and no "

@@ -145,7 +145,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side."),
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side."),
     requires=("normlab.models.self_normalizing_mlp", "normlab.nn.SELU"),
     plot=plot,
 )

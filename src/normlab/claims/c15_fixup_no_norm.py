@@ -148,7 +148,7 @@ CLAIM = Claim(
                   "batch/128), 600 steps, 2 seeds on one split, 'close' judged on the mean "
                   "difference with no noise allowance. Now: ResNet-20 and 300 steps (the "
                   "CPU budget of the 5-seed paired design; still 9 residual branches), BN's "
-                  "rate chosen on validation and used for all three arms, 5 paired seeds "
+                  "rate chosen on validation and used for all three arms, 10 paired seeds "
                   "with seed-drawn splits, an equivalence test for 'close to BN' and the "
                   "plain net's shortfall as the premise that makes the comparison "
                   "informative."),

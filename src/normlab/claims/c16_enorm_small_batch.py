@@ -122,7 +122,7 @@ CLAIM = Claim(
                   "2 seeds on one split, and a second ENorm variant (every hidden layer) "
                   "added after a first run. Now: each arm's rate chosen on validation with "
                   "grid extension, 8 epochs and a 400-step floor (batch 8 keeps a modest "
-                  "step count, batch 128 converges), 5 paired seeds with seed-drawn splits; "
+                  "step count, batch 128 converges), 10 paired seeds with seed-drawn splits; "
                   "only the official code's layers are measured (the paper's method), and "
                   "both batch sizes are judged, since the paper claims a gain over the "
                   "baseline in general and at small batches."),
@@ -138,7 +138,7 @@ CLAIM = Claim(
     width_note=("The old figure came from 2 seeds on one fixed test split (a seed range or a "
                 "sampling term, with no t multiplier), which understates the 95% uncertainty; "
                 "the new interval draws a split per seed, so it counts the test set's sampling "
-                "too, and with 5 seeds it is 2.78 standard errors wide on each side. The "
+                "too, and with 10 seeds it is 2.26 standard errors wide on each side. The "
                 "per-seed spread of ENorm minus plain needs about three times the seeds to "
                 "halve the interval, beyond the claim's CPU share."),
     requires=("normlab.nn.ENorm",),

@@ -209,7 +209,7 @@ CLAIM = Claim(
                   "fixed split, speed judged on the first evaluation reaching 95% of the "
                   "lower final accuracy (a first passage on a noisy curve) and final "
                   "accuracies on max(1 point, seed range). Now: each arm's rate chosen on "
-                  "validation, a paired design over 5 seeds with seed-drawn splits, speed as "
+                  "validation, a paired design over 10 seeds with seed-drawn splits, speed as "
                   "the area under the whole test-accuracy curve (smoother), and three effects "
                   "judged by their 95% intervals: per-step vs shared (superiority), BN-LSTM vs "
                   "LSTM speed (superiority) and final accuracy (non-inferiority at 1 point). "
