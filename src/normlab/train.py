@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -334,7 +335,7 @@ def _batch_accuracy(out: Tensor, y: Tensor) -> float:
     return float((out.detach().argmax(1) == y).float().mean())
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the loop's parts
 
 
 def _augmenter(augment: str | None, x_train, seed: int) -> torch.Generator | None:
@@ -351,39 +352,270 @@ def _augmenter(augment: str | None, x_train, seed: int) -> torch.Generator | Non
     return torch.Generator().manual_seed(int(seed) + 1_000_003)
 
 
+@dataclass
+class _Args:
+    """The arguments of one :func:`train` call, as one object the loop's parts share
+    (field names are :func:`train`'s parameter names)."""
+
+    model: nn.Module
+    x_train: Any
+    y_train: Tensor | None
+    x_test: Tensor | None
+    y_test: Tensor | None
+    steps: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    optimizer: str | Callable
+    schedule: str
+    warmup_steps: int
+    clip_grad_norm: float | None
+    seed: int
+    eval_every: int | None
+    log_every: int
+    eval_batch_size: int
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    device: Any
+    progress: bool | None
+    desc: str
+    divergence_loss: float | None
+    rank: int
+    world_size: int
+    callbacks: Sequence[Callable[[int, nn.Module, dict], object]]
+    config: dict | None
+    scheduler: Callable[[torch.optim.Optimizer], object] | None
+    accuracy: bool
+    augment: str | None
+    aug_gen: torch.Generator | None = None  # set by _check_args, not an argument
+
+
+def _check_args(a: _Args) -> _Args:
+    """``a`` with a Dataset unpacked and the defaults filled in, or a clear error
+    before the model or anything else is touched."""
+    if a.y_train is None and hasattr(a.x_train, "x_train"):
+        ds = a.x_train
+        a.x_train, a.y_train, a.x_test, a.y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    if a.y_train is None:
+        raise TypeError("train: pass (x_train, y_train) tensors or a normlab.data.Dataset")
+    if len(a.x_train) != len(a.y_train):
+        raise ValueError(f"train: x_train has {len(a.x_train)} samples but y_train "
+                         f"{len(a.y_train)}")
+    if (a.x_test is None) != (a.y_test is None):
+        raise ValueError("train: pass both x_test and y_test, or neither")
+    _check_arguments(steps=a.steps, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+                     weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+                     clip_grad_norm=a.clip_grad_norm, eval_every=a.eval_every,
+                     log_every=a.log_every)
+    if a.scheduler is not None and (a.schedule != "constant" or a.warmup_steps):
+        raise ValueError(f"train: a scheduler owns the learning rates; schedule must be "
+                         f"'constant' and warmup_steps 0 with it, got "
+                         f"schedule={a.schedule!r}, warmup_steps={a.warmup_steps}")
+    a.loss_fn = a.loss_fn or nn.functional.cross_entropy
+    a.eval_every = a.eval_every or max(a.steps // 10, 1)
+    a.device = torch.device(a.device)
+    lr_at(0, a.steps, a.lr, a.schedule, a.warmup_steps)  # validates the schedule name
+    a.aug_gen = _augmenter(a.augment, a.x_train, a.seed)
+    return a
+
+
+def _config(a: _Args, sched, num_train: int) -> dict:
+    """The hyper-parameters stored in ``TrainResult.config``."""
+    return {
+        "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "momentum": a.momentum,
+        "weight_decay": a.weight_decay, "nesterov": a.nesterov,
+        "optimizer": a.optimizer if isinstance(a.optimizer, str) else repr(a.optimizer),
+        "schedule": a.schedule if sched is None else type(sched).__name__,
+        "warmup_steps": a.warmup_steps,
+        "clip_grad_norm": a.clip_grad_norm,
+        "seed": a.seed, "eval_every": a.eval_every, "log_every": a.log_every,
+        "device": str(a.device), "world_size": a.world_size, "num_train": num_train,
+        "num_test": int(len(a.x_test)) if a.x_test is not None else 0,
+        "augment": a.augment, **(a.config or {}),
+    }
+
+
+def _divergence(loss_value: float, divergence_loss: float | None) -> str | None:
+    """Why a step's loss stops the run, or None."""
+    if not math.isfinite(loss_value):
+        return f"non-finite loss ({loss_value})"
+    if divergence_loss is not None and loss_value > divergence_loss:
+        return f"loss {loss_value:.4g} > divergence_loss {divergence_loss}"
+    return None
+
+
+class _Loop:
+    """One run's state from step to step: optimizer, schedule, result, progress bar,
+    the running averages the bar shows, and the time spent in steps."""
+
+    def __init__(self, a: _Args) -> None:
+        self.a = a
+        self.t_start = time.perf_counter()
+        a.model.to(a.device)
+        a.x_train, a.y_train = a.x_train.to(a.device), a.y_train.to(a.device)
+        if a.x_test is not None:
+            a.x_test, a.y_test = a.x_test.to(a.device), a.y_test.to(a.device)
+        self.params = [p for p in a.model.parameters() if p.requires_grad]
+        self.opt = _make_optimizer(a.optimizer, self.params, a.lr, a.momentum,
+                                   a.weight_decay, a.nesterov)
+        # Each group's rate relative to `lr`: the schedule scales them all alike.
+        self.lr_ratios = [group["lr"] / a.lr if a.lr else 1.0
+                          for group in self.opt.param_groups]
+        self.sched = a.scheduler(self.opt) if a.scheduler is not None else None
+        self.result = TrainResult(steps=a.steps,
+                                  num_params=sum(p.numel() for p in self.params))
+        self.result.config = _config(a, self.sched, int(len(a.x_train)))
+        self.batches = batch_indices(len(a.x_train), a.batch_size, a.seed, a.rank,
+                                     a.world_size)
+        self.bar = _Progress(a.progress if a.rank == 0 else False, a.steps, a.desc,
+                             a.batch_size * a.world_size)
+        self.ema_loss = self.ema_acc = None
+        self.train_time = 0.0
+
+    def lr(self, step: int) -> float:
+        """The rate of ``step`` (0-based): the schedule's, or the scheduler's first
+        group's."""
+        a = self.a
+        if self.sched is not None:
+            return float(self.opt.param_groups[0]["lr"])
+        return lr_at(step, a.steps, a.lr, a.schedule, a.warmup_steps)
+
+    def step(self, step: int) -> tuple[float, Tensor, Tensor, float, str | None]:
+        """One optimizer step: ``(loss, logits, targets, rate, why it diverged or
+        None)``; a diverging step updates nothing."""
+        a = self.a
+        t0 = time.perf_counter()
+        idx = next(self.batches).to(a.device)
+        xb, yb = a.x_train[idx], a.y_train[idx]
+        if a.aug_gen is not None:
+            xb = crop_flip(xb, a.aug_gen)
+        out = a.model(xb)
+        loss = a.loss_fn(out, yb)
+        loss_value = float(loss.detach())
+        reason = _divergence(loss_value, a.divergence_loss)
+        if a.world_size > 1:
+            reason = _agree_on_divergence(reason, a.device)
+        lr_now = self.lr(step)
+        if reason is None:
+            reason = self.update(loss, lr_now)
+        self.train_time += time.perf_counter() - t0
+        return loss_value, out, yb, lr_now, reason
+
+    def update(self, loss: Tensor, lr_now: float) -> str | None:
+        """Backward, clip and step; why the gradient stops the run, or None."""
+        a = self.a
+        if self.sched is None:
+            for group, ratio in zip(self.opt.param_groups, self.lr_ratios, strict=True):
+                group["lr"] = lr_now * ratio
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, a.clip_grad_norm)
+            if not torch.isfinite(norm):
+                return f"non-finite gradient norm ({float(norm)})"
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return None
+
+    def record(self, step: int, loss_value: float, out: Tensor, yb: Tensor, lr_now: float,
+               reason: str | None) -> bool:
+        """Log step ``step`` (0-based), evaluate when due, show progress and call the
+        callbacks; True when the run stops here."""
+        a, r = self.a, self.result
+        logged = (step + 1) % a.log_every == 0 or reason is not None or step + 1 == a.steps
+        acc = _batch_accuracy(out, yb) if a.accuracy else None
+        if reason is None:
+            r.steps_done = step + 1
+        if logged:
+            r.curve["step"].append(step + 1)
+            r.curve["loss"].append(loss_value)
+            r.curve["acc"].append(acc)
+            r.curve["lr"].append(lr_now)
+        if reason is not None:
+            r.diverged, r.diverged_step, r.diverged_reason = True, step, reason
+            return True
+        self.ema_loss = (loss_value if self.ema_loss is None
+                         else 0.9 * self.ema_loss + 0.1 * loss_value)
+        if acc is not None:
+            self.ema_acc = acc if self.ema_acc is None else 0.9 * self.ema_acc + 0.1 * acc
+        test = None
+        if a.x_test is not None and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+            self.evaluate(step + 1)
+            test = r.evals["test_acc"][-1]
+        self.bar.update(step + 1, self.ema_loss, self.ema_acc,
+                        (step + 1) / max(self.train_time, 1e-9), test)
+        stop = False
+        for cb in a.callbacks:
+            stop = bool(cb(step + 1, a.model, {"loss": loss_value, "lr": lr_now})) or stop
+        return stop
+
+    def evaluate(self, step: int) -> None:
+        a, r = self.a, self.result
+        loss, acc = evaluate(a.model, a.x_test, a.y_test, a.eval_batch_size, a.loss_fn,
+                             accuracy=a.accuracy)
+        r.evals["step"].append(step)
+        r.evals["test_acc"].append(acc)
+        r.evals["test_loss"].append(loss)
+
+    def final_evaluation(self) -> None:
+        r = self.result
+        self.evaluate(r.steps_done)
+        r.final_test_loss = r.evals["test_loss"][-1]
+        r.final_test_acc = r.evals["test_acc"][-1]
+        r.best_test_acc = max(r.evals["test_acc"]) if self.a.accuracy else None
+        self.bar.update(r.steps_done, self.ema_loss or float("nan"), self.ema_acc,
+                        r.steps_done / max(self.train_time, 1e-9), r.final_test_acc)
+
+    def summary(self) -> TrainResult:
+        """The result with the final training loss and the timings filled in."""
+        a, r = self.a, self.result
+        losses = [v for s, v in zip(r.curve["step"], r.curve["loss"], strict=True)
+                  if s <= r.steps_done]
+        if losses:
+            tail = max(1, math.ceil(0.1 * len(losses)))
+            r.final_train_loss = sum(losses[-tail:]) / tail
+        r.train_time_s = self.train_time
+        r.wall_time_s = time.perf_counter() - self.t_start
+        r.steps_per_s = r.steps_done / self.train_time if self.train_time > 0 else 0.0
+        r.samples_per_s = r.steps_per_s * a.batch_size * a.world_size
+        return r
+
+
+def _run(a: _Args) -> TrainResult:
+    loop = _Loop(a)
+    devices = [a.device.index or 0] if a.device.type == "cuda" else []  # CPU RNG is always forked
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(a.seed)
+            a.model.train()
+            for step in range(a.steps):
+                if loop.record(step, *loop.step(step)):
+                    break
+            if a.x_test is not None:
+                loop.final_evaluation()
+    finally:
+        loop.bar.close("diverged" if loop.result.diverged else "")
+    return loop.summary()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
 def train(
-    model: nn.Module,
-    x_train,
-    y_train: Tensor | None = None,
-    x_test: Tensor | None = None,
-    y_test: Tensor | None = None,
-    *,
-    steps: int = 500,
-    batch_size: int = 32,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    optimizer: str | Callable = "sgd",
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    clip_grad_norm: float | None = None,
-    seed: int = 0,
-    eval_every: int | None = None,
-    log_every: int = 1,
-    eval_batch_size: int = 256,
+    model: nn.Module, x_train, y_train: Tensor | None = None, x_test: Tensor | None = None,
+    y_test: Tensor | None = None, *, steps: int = 500, batch_size: int = 32, lr: float = 0.1,
+    momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+    optimizer: str | Callable = "sgd", schedule: str = "constant", warmup_steps: int = 0,
+    clip_grad_norm: float | None = None, seed: int = 0, eval_every: int | None = None,
+    log_every: int = 1, eval_batch_size: int = 256,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool | None = None,
-    desc: str = "train",
-    divergence_loss: float | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    device: str | torch.device = "cpu", progress: bool | None = None, desc: str = "train",
+    divergence_loss: float | None = None, rank: int = 0, world_size: int = 1,
     callbacks: Sequence[Callable[[int, nn.Module, dict], object]] = (),
-    config: dict | None = None,
-    scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
-    accuracy: bool = True,
-    augment: str | None = None,
+    config: dict | None = None, scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+    accuracy: bool = True, augment: str | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on mini-batches of ``(x_train,
     y_train)`` and evaluate it on ``(x_test, y_test)``.
@@ -427,151 +659,9 @@ def train(
             seeded by ``seed``, so the batch order and dropout draw what they would
             without it. Needs images ``(N, C, H, W)``.
 
+
     Returns:
         A :class:`TrainResult`.
     """
-    if y_train is None and hasattr(x_train, "x_train"):
-        ds = x_train
-        x_train, y_train, x_test, y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
-    if y_train is None:
-        raise TypeError("train: pass (x_train, y_train) tensors or a normlab.data.Dataset")
-    if len(x_train) != len(y_train):
-        raise ValueError(f"train: x_train has {len(x_train)} samples but y_train "
-                         f"{len(y_train)}")
-    if (x_test is None) != (y_test is None):
-        raise ValueError("train: pass both x_test and y_test, or neither")
-    _check_arguments(steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                     weight_decay=weight_decay, warmup_steps=warmup_steps,
-                     clip_grad_norm=clip_grad_norm, eval_every=eval_every, log_every=log_every)
-    if scheduler is not None and (schedule != "constant" or warmup_steps):
-        raise ValueError(f"train: a scheduler owns the learning rates; schedule must be "
-                         f"'constant' and warmup_steps 0 with it, got schedule={schedule!r}, "
-                         f"warmup_steps={warmup_steps}")
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    eval_every = eval_every or max(steps // 10, 1)
-    device = torch.device(device)
-    lr_at(0, steps, lr, schedule, warmup_steps)  # validates the schedule name
-    aug_gen = _augmenter(augment, x_train, seed)
-
-    t_start = time.perf_counter()
-    model.to(device)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    if x_test is not None:
-        x_test, y_test = x_test.to(device), y_test.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay, nesterov)
-    # Each group's rate relative to `lr`: the schedule scales them all alike.
-    lr_ratios = [group["lr"] / lr if lr else 1.0 for group in opt.param_groups]
-    sched = scheduler(opt) if scheduler is not None else None
-    result = TrainResult(steps=steps, num_params=sum(p.numel() for p in params))
-    result.config = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-        "weight_decay": weight_decay, "nesterov": nesterov,
-        "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
-        "schedule": schedule if sched is None else type(sched).__name__,
-        "warmup_steps": warmup_steps,
-        "clip_grad_norm": clip_grad_norm,
-        "seed": seed, "eval_every": eval_every, "log_every": log_every,
-        "device": str(device), "world_size": world_size, "num_train": int(len(x_train)),
-        "num_test": int(len(x_test)) if x_test is not None else 0, "augment": augment,
-        **(config or {}),
-    }
-    batches = batch_indices(len(x_train), batch_size, seed, rank, world_size)
-    bar = _Progress(progress if rank == 0 else False, steps, desc, batch_size * world_size)
-    ema_loss = ema_acc = None
-    train_time = 0.0
-    devices = [device.index or 0] if device.type == "cuda" else []  # CPU RNG is always forked
-
-    def run_eval(step: int) -> None:
-        loss, acc = evaluate(model, x_test, y_test, eval_batch_size, loss_fn,
-                             accuracy=accuracy)
-        result.evals["step"].append(step)
-        result.evals["test_acc"].append(acc)
-        result.evals["test_loss"].append(loss)
-
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            model.train()
-            for step in range(steps):
-                t0 = time.perf_counter()
-                idx = next(batches).to(device)
-                xb, yb = x_train[idx], y_train[idx]
-                if aug_gen is not None:
-                    xb = crop_flip(xb, aug_gen)
-                out = model(xb)
-                loss = loss_fn(out, yb)
-                loss_value = float(loss.detach())
-                reason = None
-                if not math.isfinite(loss_value):
-                    reason = f"non-finite loss ({loss_value})"
-                elif divergence_loss is not None and loss_value > divergence_loss:
-                    reason = f"loss {loss_value:.4g} > divergence_loss {divergence_loss}"
-                if world_size > 1:
-                    reason = _agree_on_divergence(reason, device)
-                if sched is not None:
-                    lr_now = float(opt.param_groups[0]["lr"])
-                else:
-                    lr_now = lr_at(step, steps, lr, schedule, warmup_steps)
-                if reason is None:
-                    if sched is None:
-                        for group, ratio in zip(opt.param_groups, lr_ratios, strict=True):
-                            group["lr"] = lr_now * ratio
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if clip_grad_norm is not None:
-                        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-                        if not torch.isfinite(norm):
-                            reason = f"non-finite gradient norm ({float(norm)})"
-                if reason is None:
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                train_time += time.perf_counter() - t0
-                acc = _batch_accuracy(out, yb) if accuracy else None
-                if reason is None:
-                    result.steps_done = step + 1
-                if (step + 1) % log_every == 0 or reason is not None or step + 1 == steps:
-                    result.curve["step"].append(step + 1)
-                    result.curve["loss"].append(loss_value)
-                    result.curve["acc"].append(acc)
-                    result.curve["lr"].append(lr_now)
-                if reason is not None:
-                    result.diverged, result.diverged_step = True, step
-                    result.diverged_reason = reason
-                    break
-                ema_loss = loss_value if ema_loss is None else 0.9 * ema_loss + 0.1 * loss_value
-                if acc is not None:
-                    ema_acc = acc if ema_acc is None else 0.9 * ema_acc + 0.1 * acc
-                test = None
-                if x_test is not None and (step + 1) % eval_every == 0 and step + 1 < steps:
-                    run_eval(step + 1)
-                    test = result.evals["test_acc"][-1]
-                bar.update(step + 1, ema_loss, ema_acc, (step + 1) / max(train_time, 1e-9),
-                           test)
-                stop = False
-                for cb in callbacks:
-                    stop = bool(cb(step + 1, model, {"loss": loss_value, "lr": lr_now})) or stop
-                if stop:
-                    break
-            if x_test is not None:
-                run_eval(result.steps_done)
-                result.final_test_loss = result.evals["test_loss"][-1]
-                result.final_test_acc = result.evals["test_acc"][-1]
-                result.best_test_acc = max(result.evals["test_acc"]) if accuracy else None
-                bar.update(result.steps_done, ema_loss or float("nan"), ema_acc,
-                           result.steps_done / max(train_time, 1e-9), result.final_test_acc)
-    finally:
-        bar.close("diverged" if result.diverged else "")
-
-    losses = [v for s, v in zip(result.curve["step"], result.curve["loss"], strict=True)
-              if s <= result.steps_done]
-    if losses:
-        tail = max(1, math.ceil(0.1 * len(losses)))
-        result.final_train_loss = sum(losses[-tail:]) / tail
-    result.train_time_s = train_time
-    result.wall_time_s = time.perf_counter() - t_start
-    taken = result.steps_done
-    result.steps_per_s = taken / train_time if train_time > 0 else 0.0
-    result.samples_per_s = result.steps_per_s * batch_size * world_size
-    return result
+    # Every name above is an _Args field: the parts share them as one object.
+    return _run(_check_args(_Args(**locals())))
