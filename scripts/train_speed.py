@@ -15,7 +15,8 @@ CPU-second, the median over the repeats and the spread (min-max), for both.
 
 ``--check`` (on by default) first trains a set of configurations (mlp and cnn; bn, gn
 and no norm; batch 2 and 32; a cosine schedule with warm-up; a torch scheduler;
-callbacks; a diverging run; ``accuracy=False``; clipping; ``log_every`` > 1) with both
+callbacks; a diverging run; ``accuracy=False``; clipping; ``log_every`` > 1;
+two parameter groups; no test data; ``augment``) with both
 and requires the ``TrainResult`` dicts (timings left out) and the trained weights to be
 equal bit for bit.
 """
@@ -110,6 +111,7 @@ def _check_cases() -> list[tuple[str, str, dict, dict]]:
         ("mlp two groups cosine", "mlp", {"norm": "bn"},
          {"optimizer": two_groups, "schedule": "cosine", "batch_size": 8}),
         ("mlp no test data", "mlp", {"norm": "bn"}, {"batch_size": 8, "test": False}),
+        ("cnn bn crop_flip", "cnn", {"norm": "bn"}, {"augment": "crop_flip", "batch_size": 8}),
         ("mlp wd nesterov eval_every 4", "mlp", {"norm": "bn"},
          {"weight_decay": 1e-3, "nesterov": True, "eval_every": 4, "batch_size": 8}),
     ]
