@@ -11,7 +11,8 @@ run (``claims.design.train_run`` imports it at call time). Runs are single-threa
 timed in CPU seconds of this process (``time.process_time``; other users of a shared
 machine cost wall time, less CPU time), and interleaved old/new with the order
 alternating, so drifting load hits both alike. Each configuration prints runs per
-CPU-second, the median over the repeats and the spread (min-max), for both.
+CPU-second, the median over the repeats and the spread (min-max), for both, and the
+median and quartiles of the paired speed ratio (new/old within each repeat).
 
 ``--check`` (on by default) first trains a set of configurations (mlp and cnn; bn, gn
 and no norm; batch 2 and 32; a cosine schedule with warm-up; a torch scheduler;
@@ -181,9 +182,13 @@ def measure(old, steps: int, repeats: int) -> None:
                 times[which].append(time_run(fn, kwargs))
         rates = {k: sorted(1.0 / t for t in v) for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in rates.items()}
+        # Each repeat's old and new ran back to back: their ratio cancels slow drifts
+        # of the machine's load that the medians of each side keep.
+        ratios = sorted(o / n for o, n in zip(times["old"], times["new"], strict=True))
+        q1, q2, q3 = statistics.quantiles(ratios, n=4)
         print(f"  {name:18s} old {med['old']:6.3f} [{rates['old'][0]:.3f}-{rates['old'][-1]:.3f}]"
               f"  new {med['new']:6.3f} [{rates['new'][0]:.3f}-{rates['new'][-1]:.3f}]"
-              f"  new/old {med['new'] / med['old']:.3f}", flush=True)
+              f"  paired new/old {q2:.3f} (quartiles {q1:.3f}-{q3:.3f})", flush=True)
 
 
 def main(argv=None) -> int:
