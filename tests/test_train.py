@@ -358,3 +358,26 @@ def test_regression_without_accuracy():
     json.dumps(r.to_dict(), allow_nan=False)
     loss, acc = evaluate(model, x[160:], y[160:], loss_fn=mse, accuracy=False)
     assert acc is None and loss == pytest.approx(direct, rel=1e-5)
+
+
+def test_an_optimizer_with_its_own_zero_grad_keeps_it_and_gives_the_same_run():
+    # train() clears the gradients itself for torch's Optimizer.zero_grad (which only
+    # sets them to None); an optimizer class that overrides zero_grad must still get
+    # its call every step, and clearing either way must train the same numbers.
+    calls = []
+
+    class CountingSGD(torch.optim.SGD):
+        def zero_grad(self, set_to_none=True):
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none=set_to_none)
+
+    x, y = _blobs()
+    runs = []
+    for make in (None, lambda p: CountingSGD(p, lr=0.05, momentum=0.9)):
+        model = _mlp()
+        kw = {"optimizer": make} if make else {}
+        r = train(model, x, y, steps=12, batch_size=8, lr=0.05, progress=False, **kw)
+        runs.append((r.curve, model.state_dict()))
+    assert calls == [True] * 12
+    (ca, sa), (cb, sb) = runs
+    assert ca == cb and all(torch.equal(sa[k], sb[k]) for k in sa)
