@@ -245,7 +245,13 @@ def test_protocol_records_give_verdict_intervals_and_scale_note():
             "not reproduced") in bn
     assert ("  - accuracy gap: -0.4 points, interval [n/a, n/a]; the paper's claim: within "
             "1 of 0 points: not available") in bn
-    assert "  - Scale: 3-layer CNN on 8x8 digits, not Inception on ImageNet." in bn
+    assert ("  - Against the paper: the lab's verdict is 'not testable at this scale', so it "
+            "does not confirm the paper. Why the scale may explain it: 3-layer CNN on 8x8 "
+            "digits, not Inception on ImageNet.") in bn
+    agree = docs.generate([{**NEW_RECORD, "verdict": "reproduced"}])
+    assert "  - Against the paper: the lab agrees at its small scale." in agree
+    differs = docs.generate([{**NEW_RECORD, "verdict": "not reproduced"}])
+    assert "the lab's verdict differs from the paper's claim. Why the scale" in differs
     # An old record in the same study keeps its reason.
     gn = _section(text, docs.METHODS["group"]["title"])
     assert "**not reproduced**: accuracy spread 9 points, criterion 2" in gn

@@ -272,9 +272,24 @@ def _claim_record_lines(c: dict) -> list[str]:
              + (f": {summary}" if summary else ".")]
     if new:
         lines += [_effect_line(e) for e in effects if isinstance(e, dict)]
-        if c.get("scale_note"):
-            lines.append(f"  - Scale: {_one_line(c['scale_note'])}")
+        lines.append(_against_paper(c))
     return lines
+
+
+def _against_paper(c: dict) -> str:
+    """Whether the lab's verdict agrees with the paper's claim and, where it does not,
+    why the small scale may explain it (the claim's scale note)."""
+    verdict = c.get("verdict")
+    if verdict == "reproduced":
+        return "  - Against the paper: the lab agrees at its small scale."
+    why = _one_line(c.get("scale_note")) or "the claim gives no scale note"
+    if verdict == "inconclusive":
+        head = "the lab cannot yet confirm or refute the paper at its small scale"
+    elif verdict == "not reproduced":
+        head = "the lab's verdict differs from the paper's claim"
+    else:
+        head = f"the lab's verdict is '{verdict}', so it does not confirm the paper"
+    return f"  - Against the paper: {head}. Why the scale may explain it: {why}"
 
 
 def _claim_lines(claims: list[dict] | None, ids: list[str]) -> list[str]:
