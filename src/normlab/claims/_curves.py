@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["planned_steps", "train_with_curves", "area", "train_loss_area", "val_area",
-           "final_val", "plot_curves", "unit_interval"]
+__all__ = ["planned_steps", "run_variants", "train_with_curves", "area", "train_loss_area",
+           "val_area", "final_val", "plot_curves", "unit_interval"]
 
 
 def planned_steps(steps: int, eval_every: int) -> list[int]:
@@ -161,3 +161,26 @@ def plot_curves(ax, runs: Mapping[str, Sequence[Mapping]], key: str,
                     for i in range(len(steps))]
             ax.plot([s / x_scale for s in steps], mean, color=colors[arm], lw=2.2,
                     label=f"{labels[arm]} (mean of {len(full)} seeds)")
+
+
+def run_variants(ctx, fn, make, variants: Sequence[str], grid: Sequence[float],
+                 quick_lr: float, score) -> tuple[dict, dict]:
+    """Each variant's learning rate and its runs over every seed (claims 20 and 21).
+
+    ``make(variant)`` returns the ``(lr, seed) -> kwargs`` maker of ``fn``'s runs. A
+    variant's rate is chosen by :func:`normlab.claims.design.select_lr` on the first two
+    seeds with ``score``; the quick budget (a smoke test) skips the choice and uses
+    ``quick_lr``. Returns ``(chosen, runs)``: per variant, the selection record and the
+    list of run results in seed order (every variant's final runs in one map call).
+    """
+    from normlab.claims.design import select_lr
+
+    seeds = ctx.seeds
+    chosen = {}
+    for v in variants:
+        g = ctx.budget.pick(quick=None, default=grid)
+        chosen[v] = ({"lr": quick_lr, "grid": [quick_lr], "scores": {}, "bracketed": False}
+                     if g is None else select_lr(ctx, fn, make(v), g, seeds[:2], score=score))
+    done = ctx.map(fn, [make(v)(chosen[v]["lr"], s) for v in variants for s in seeds])
+    n = len(seeds)
+    return chosen, {v: done[i * n:(i + 1) * n] for i, v in enumerate(variants)}

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normlab.claims._curves import final_val, plot_curves, train_loss_area, train_with_curves
+from normlab.claims._curves import (
+    final_val,
+    plot_curves,
+    run_variants,
+    train_loss_area,
+    train_with_curves,
+)
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.design import accuracy_or_chance, select_lr, split
+from normlab.claims.design import accuracy_or_chance, split
 from normlab.claims.protocol import Effect, points
 
 DATA = "digits"
@@ -60,17 +66,8 @@ def _maker(variant: str, steps: int):
 def measure(ctx: RunContext) -> dict:
     steps = ctx.budget.steps(STEPS)
     seeds = ctx.seeds
-    chosen = {}
-    for v in VARIANTS:
-        grid = ctx.budget.pick(quick=None, default=LR_GRID)
-        chosen[v] = ({"lr": QUICK_LR, "grid": [QUICK_LR], "scores": {}, "bracketed": False}
-                     if grid is None else
-                     select_lr(ctx, input_bn_run, _maker(v, steps), grid, seeds[:2],
-                               score=final_val))
-    done = ctx.map(input_bn_run, [_maker(v, steps)(chosen[v]["lr"], s)
-                                  for v in VARIANTS for s in seeds])
-    n = len(seeds)
-    runs = {v: done[i * n:(i + 1) * n] for i, v in enumerate(VARIANTS)}
+    chosen, runs = run_variants(ctx, input_bn_run, lambda v: _maker(v, steps), VARIANTS, LR_GRID,
+                                QUICK_LR, final_val)
     loss_area = {v: [train_loss_area(r) for r in runs[v]] for v in VARIANTS}
     final = {v: [points(accuracy_or_chance(r)) for r in runs[v]] for v in VARIANTS}
     return {
