@@ -134,8 +134,8 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     ``lr / 10``). ``curve=False`` drops the per-step training curve."""
     import torch
 
-    from normlab.claims.design import current_device, split
-    from normlab.train import evaluate, train
+    from normlab.claims.design import current_device, split, with_validation
+    from normlab.train import train
 
     if enorm_c is not None and arm != "relu":
         raise ValueError(f"claims._arms: ENorm needs the plain 'relu' MLP, got arm {arm!r}")
@@ -148,18 +148,7 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                    schedule=schedule, eval_every=eval_every, progress=False, device=device,
                    **opts).to_dict()
-    val_acc = val_loss = None
-    if not result["diverged"]:
-        val_loss, val_acc = evaluate(net, x_val, y_val, device=device)
-    result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss),
-                  num_classes=fit.num_classes)
-    if not curve:
-        result.pop("curve", None)
-    return result
-
-
-def _finite(x):
-    return x if x is not None and math.isfinite(x) else None
+    return with_validation(result, net, (x_val, y_val), fit.num_classes, device, curve)
 
 
 def loss_or_chance(result: Mapping, key: str = "final_train_loss") -> float:

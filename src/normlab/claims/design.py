@@ -26,7 +26,8 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["VAL_FRACTION", "split", "train_run", "select_lr", "accuracy_or_chance",
+__all__ = ["VAL_FRACTION", "split", "train_run", "with_validation", "select_lr",
+           "accuracy_or_chance",
            "LR_EXTEND", "MAX_EXTENSIONS", "current_device", "on_device"]
 
 #: The share of the training split held out for validation.
@@ -103,7 +104,7 @@ def train_run(*, model: str = "cnn", norm: str = "bn", data: str = "digits",
     import torch
 
     from normlab import models
-    from normlab.train import evaluate, train
+    from normlab.train import train
 
     fit, (x_val, y_val) = split(data, seed, data_dir=data_dir)
     device = current_device()
@@ -111,11 +112,22 @@ def train_run(*, model: str = "cnn", norm: str = "bn", data: str = "digits",
     net = models.build(model, fit.in_shape, fit.num_classes, norm=norm, **dict(model_kwargs or {}))
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                    progress=False, device=device, **dict(train_kwargs or {})).to_dict()
+    return with_validation(result, net, (x_val, y_val), fit.num_classes, device, curve)
+
+
+def with_validation(result: dict, net, val, num_classes: int, device: str,
+                    curve: bool = False) -> dict:
+    """A run's result dict (``TrainResult.to_dict()``) with the trained ``net``'s final
+    validation accuracy and loss on ``val = (x_val, y_val)`` (``val_acc``, ``val_loss``:
+    None when the run diverged) and ``num_classes`` added; ``curve=False`` drops the
+    per-step training curve (the evaluation curve is kept). Shared by every run
+    function that trains one network."""
+    from normlab.train import evaluate
+
     val_acc = val_loss = None
     if not result["diverged"]:
-        val_loss, val_acc = evaluate(net, x_val, y_val, device=device)
-    result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss),
-                  num_classes=fit.num_classes)
+        val_loss, val_acc = evaluate(net, val[0], val[1], device=device)
+    result.update(val_acc=_finite(val_acc), val_loss=_finite(val_loss), num_classes=num_classes)
     if not curve:
         result.pop("curve", None)
     return result
