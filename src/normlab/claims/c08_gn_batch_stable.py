@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from normlab.claims import _paper
 from normlab.claims.base import Claim, RunContext, save_plot
 from normlab.claims.design import accuracy_or_chance, select_lr, train_run
 from normlab.claims.protocol import Effect, points
@@ -25,18 +26,9 @@ PREVIOUS_NOISE = 2.4
 STABLE_MARGIN = 2.0
 
 # The "paper" scale (``normlab study --scale paper --data-dir DIR``): Wu & He's
-# comparison moved from ResNet-50 on ImageNet to the CIFAR ResNet of He et al. (2016),
-# with its recipe, sized for a few GPU-hours.
-PAPER_DATA = "cifar10"
-#: ResNet-20 (``normlab.models.resnet``: 6 * depth + 2 layers, widths 16/32/64).
-PAPER_MODEL = "resnet"
-PAPER_MODEL_KWARGS = {"width": 16, "depth": 3}
-#: He et al.'s CIFAR rate 0.1 at batch 128, scaled linearly to each batch (Goyal et al.
-#: 2017, the rule Wu & He use for their batch sweep): 0.025 at 32, 0.0015625 at 2.
-PAPER_BASE_LR, PAPER_BASE_BATCH = 0.1, 128
+# comparison moved from ResNet-50 on ImageNet to ResNet-20 on CIFAR-10 with He et al.'s
+# recipe (claims/_paper.py), sized for a few GPU-hours.
 PAPER_EPOCHS = 10.0
-PAPER_TRAIN = {"momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine",
-               "augment": "crop_flip"}
 
 
 def _steps(ctx: RunContext, batch: int, num_train: int) -> int:
@@ -54,34 +46,15 @@ def _kwargs(ctx, norm, batch, num_train):
     return make
 
 
-def _paper_kwargs(ctx: RunContext, norm: str, batch: int, num_train: int, seed: int) -> dict:
-    steps = ctx.budget.steps(round(PAPER_EPOCHS * num_train / batch))
-    lr = float(f"{PAPER_BASE_LR * batch / PAPER_BASE_BATCH:.6g}")
-    return {"model": PAPER_MODEL, "norm": norm, "data": PAPER_DATA, "data_dir": ctx.data_dir,
-            "batch_size": batch, "lr": lr, "steps": steps, "seed": seed,
-            "model_kwargs": PAPER_MODEL_KWARGS,
-            "train_kwargs": {**PAPER_TRAIN, "eval_every": steps,
-                             "log_every": max(1, steps // 200)}}
-
-
 def measure_paper(ctx: RunContext) -> dict:
     """The paper-scale measurement: the four arms at fixed, linearly scaled rates (no
     selection, as in the paper), every seed in one batch of runs."""
-    from normlab.claims.design import split
-
-    num_train = split(PAPER_DATA, 0, data_dir=ctx.data_dir)[0].num_train
-    seeds = ctx.seeds
-    arms = [(norm, batch) for norm in NORMS for batch in (SMALL, LARGE)]
-    kwargs = [_paper_kwargs(ctx, n, b, num_train, s) for n, b in arms for s in seeds]
-    runs = ctx.map(train_run, kwargs)
-    acc, lrs = {}, {}
-    for i, (norm, batch) in enumerate(arms):
-        chunk = runs[i * len(seeds):(i + 1) * len(seeds)]
-        acc[f"{norm}_b{batch}"] = [points(accuracy_or_chance(r)) for r in chunk]
-        lrs[f"{norm}_b{batch}"] = kwargs[i * len(seeds)]["lr"]
-    return {"effects": _effects(acc), "acc": acc, "lr": lrs, "seeds": seeds,
-            "steps": {str(b): _paper_kwargs(ctx, "gn", b, num_train, 0)["steps"]
-                      for b in (SMALL, LARGE)},
+    arms = {f"{norm}_b{batch}": {"norm": norm, "batch": batch}
+            for norm in NORMS for batch in (SMALL, LARGE)}
+    out = _paper.run_arms(ctx, arms, PAPER_EPOCHS)
+    return {"effects": _effects(out["acc"]), "acc": out["acc"], "lr": out["lr"],
+            "seeds": ctx.seeds,
+            "steps": {str(b): out["steps"][f"gn_b{b}"] for b in (SMALL, LARGE)},
             "label": "ResNet-20 on CIFAR-10 (fixed rates, linear rule)"}
 
 
