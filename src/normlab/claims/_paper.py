@@ -21,7 +21,7 @@ from loading it as one).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from normlab.claims.base import RunContext
 
@@ -70,14 +70,17 @@ def run_kwargs(ctx: RunContext, *, norm: str, batch: int, seed: int, steps: int,
             "train_kwargs": {**TRAIN, "eval_every": steps, "log_every": max(1, steps // 200)}}
 
 
-def run_arms(ctx: RunContext, arms: Mapping[str, Mapping], epochs: float) -> dict:
+def run_arms(ctx: RunContext, arms: Mapping[str, Mapping], epochs: float,
+             fn: Callable | None = None) -> dict:
     """Train every arm on every seed of the budget at fixed rates, in one batch of runs.
 
     ``arms`` maps an arm's name to the keywords of :func:`run_kwargs` other than
     ``seed`` and ``steps`` (``norm`` and ``batch`` at least); each arm trains ``epochs``
-    epochs. Returns ``{"acc": {arm: [test accuracy in points per seed]}, "lr": {arm:
-    rate}, "steps": {arm: steps}, "runs": {arm: [result per seed]}}``; a diverged run
-    counts at chance (:func:`normlab.claims.design.accuracy_or_chance`).
+    epochs with ``fn`` (a module-level run function taking the arguments of
+    :func:`normlab.claims.design.train_run`; default ``train_run`` itself). Returns
+    ``{"acc": {arm: [test accuracy in points per seed]}, "lr": {arm: rate}, "steps":
+    {arm: steps}, "runs": {arm: [result per seed]}}``; a diverged run counts at chance
+    (:func:`normlab.claims.design.accuracy_or_chance`).
     """
     from normlab.claims.design import accuracy_or_chance, train_run
     from normlab.claims.protocol import points
@@ -87,7 +90,7 @@ def run_arms(ctx: RunContext, arms: Mapping[str, Mapping], epochs: float) -> dic
     for name, arm in arms.items():
         steps[name] = steps_for(ctx, epochs, arm["batch"], n_train)
         kwargs += [run_kwargs(ctx, seed=s, steps=steps[name], **arm) for s in seeds]
-    results = ctx.map(train_run, kwargs)
+    results = ctx.map(train_run if fn is None else fn, kwargs)
     out: dict = {"acc": {}, "lr": {}, "steps": steps, "runs": {}}
     for i, name in enumerate(arms):
         chunk = results[i * len(seeds):(i + 1) * len(seeds)]
