@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from normlab.claims import _paper
 from normlab.claims._batch import (
     MLP,
     MLP_EPOCHS,
@@ -18,7 +19,8 @@ from normlab.claims._batch import (
     seed_dots,
 )
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.design import train_run
+from normlab.claims.c08_gn_batch_stable import PAPER_EPOCHS
+from normlab.claims.design import accuracy_or_chance, train_run
 from normlab.claims.protocol import Effect
 
 DATA = "digits"
@@ -33,21 +35,38 @@ EPOCHS, MIN_STEPS = MLP_EPOCHS, MLP_MIN_STEPS
 #: of BN and GN at every (8 GPUs, b images) setting, while BN and GN differ by up to 10.6.
 MARGIN = 1.0
 
+# The "paper" scale (``normlab study --scale paper --data-dir DIR``): the paper's SN
+# against BN and GN per images-per-GPU setting, moved from ResNet-50 on ImageNet to
+# ResNet-20 on CIFAR-10 with He et al.'s recipe (claims/_paper.py); the BN and GN arms
+# are claim 7's paper-scale runs (same arguments, computed once).
+PAPER_REFERENCES = ("bn", "gn")
+
+
+def sn_weights(model, with_instance: bool) -> list[dict]:
+    """Every SwitchableNorm layer's current mixture weights (``mixture_weights``), in
+    module order; ``with_instance`` as the layers use them: False where they see no
+    positions (an MLP's ``(N, C)``: the softmax over LN and BN), True where they see
+    feature maps (a ResNet's: over IN, LN and BN)."""
+    from normlab.nn import SwitchableNorm
+
+    return [m.mixture_weights(with_instance=with_instance) for m in model.modules()
+            if isinstance(m, SwitchableNorm)]
+
 
 def sn_run(*, train_kwargs: Mapping, steps: int, **kwargs) -> dict:
     """:func:`normlab.claims.design.train_run` (same arguments) for a Switchable Norm
-    model, plus SN's learned weights: ``sn_weights`` (per SN layer) and ``bn_weight``
-    (the mean over layers of the mean of its mean- and variance-weights on the BN term),
-    read after the last update (or the last tenth of the run reached, if it diverged)."""
-    from normlab.nn import SwitchableNorm
-
+    model, plus SN's learned weights: ``sn_weights`` (per SN layer, :func:`sn_weights`)
+    and ``bn_weight`` (the mean over layers of the mean of its mean- and
+    variance-weights on the BN term), read after the last update (or the last tenth of
+    the run reached, if it diverged)."""
     seen: list = []
+    # an MLP's (N, C) input has no positions: SN mixes LN and BN only; every other
+    # model's norms see feature maps, where SN mixes IN, LN and BN
+    with_instance = kwargs.get("model", "cnn") != MLP
 
     def read(step: int, model, info) -> None:
         if step == steps or step % max(steps // 10, 1) == 0:
-            # an MLP's (N, C) input has no positions: SN mixes LN and BN only
-            seen[:] = [m.mixture_weights(with_instance=False) for m in model.modules()
-                       if isinstance(m, SwitchableNorm)]
+            seen[:] = sn_weights(model, with_instance)
 
     result = train_run(steps=steps, **kwargs,
                        train_kwargs={**train_kwargs, "callbacks": [read]})
@@ -65,7 +84,46 @@ def _better(lr_records: Mapping, a: str, b: str) -> str:
     return a if score[a] >= score[b] else b
 
 
+def better_on_validation(runs: Mapping, a: str, b: str) -> str:
+    """Of arms ``a`` and ``b`` (``runs``: ``{arm: [result per seed]}``), the one with the
+    higher mean validation accuracy over the seeds (a diverged run at chance); test data
+    chooses nothing; ties go to ``a``."""
+    score = {n: sum(accuracy_or_chance(r, "val_acc") for r in runs[n]) / len(runs[n])
+             for n in (a, b)}
+    return a if score[a] >= score[b] else b
+
+
+def _paper_effects(acc: dict, best: dict, bn_weight: dict) -> dict:
+    effects = {f"sn_vs_best_b{b}": paired(acc[f"sn_b{b}"], acc[best[str(b)]])
+               for b in (SMALL, LARGE)}
+    effects["bn_weight_shift"] = paired(bn_weight[str(LARGE)], bn_weight[str(SMALL)])
+    return effects
+
+
+def measure_paper(ctx: RunContext) -> dict:
+    """The paper-scale measurement: SN, BN and GN at batch 4 and 32 at fixed, linearly
+    scaled rates (no selection, as in the paper); the better of BN and GN at each batch
+    chosen on validation accuracy."""
+    ref_arms = {f"{n}_b{b}": {"norm": n, "batch": b}
+                for n in PAPER_REFERENCES for b in (SMALL, LARGE)}
+    ref = _paper.run_arms(ctx, ref_arms, PAPER_EPOCHS)
+    sn_arms = {f"sn_b{b}": {"norm": "sn", "batch": b} for b in (SMALL, LARGE)}
+    sn = _paper.run_arms(ctx, sn_arms, PAPER_EPOCHS, fn=sn_run)
+    acc = {**ref["acc"], **sn["acc"]}
+    best = {str(b): better_on_validation(ref["runs"], f"bn_b{b}", f"gn_b{b}")
+            for b in (SMALL, LARGE)}
+    bn_weight = {str(b): [r["bn_weight"] for r in sn["runs"][f"sn_b{b}"]]
+                 for b in (SMALL, LARGE)}
+    return {"effects": _paper_effects(acc, best, bn_weight), "acc": acc, "best": best,
+            "bn_weight": bn_weight, "lr": {**ref["lr"], **sn["lr"]},
+            "steps": {**ref["steps"], **sn["steps"]}, "seeds": ctx.seeds,
+            "control": "gn", "bn_weight_start": 1 / 3,
+            "label": "ResNet-20 on CIFAR-10, fixed rates by the linear rule"}
+
+
 def measure(ctx: RunContext) -> dict:
+    if ctx.scale == "paper":
+        return measure_paper(ctx)
     n_fit = num_fit(DATA)
     arms, steps = {}, {}
     for norm in ("bn", "ln"):
@@ -95,20 +153,22 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the small scale's measurement names neither its control nor SN's starting weight
+    control, start = m.get("control", "ln"), m.get("bn_weight_start", 0.5)
     fig, (ax, ax_w) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 1]})
-    colors = {"sn": "tab:red", "bn": "tab:blue", "ln": "tab:orange"}
+    colors = {"sn": "tab:red", "bn": "tab:blue", control: "tab:orange"}
     cols = [(f"{n.upper()}\nb{b}", m["acc"][f"{n}_b{b}"], colors[n])
-            for b in (SMALL, LARGE) for n in ("sn", "bn", "ln")]
+            for b in (SMALL, LARGE) for n in ("sn", "bn", control)]
     seed_dots(ax, cols)
     ax.set_title(f"accuracy (better reference, chosen on validation: batch {SMALL} "
                  f"{m['best'][str(SMALL)][:2].upper()}, batch {LARGE} "
                  f"{m['best'][str(LARGE)][:2].upper()})", fontsize=9)
     seed_dots(ax_w, [(f"batch {b}", m["bn_weight"][str(b)], "tab:red") for b in (SMALL, LARGE)],
               ylabel="SN's weight on BN (mean of layers)")
-    ax_w.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax_w.set_title("start: 1/2 (dashed)", fontsize=9)
-    fig.suptitle(f"Switchable Norm vs BN and LN (MLP on {DATA}, lr chosen per arm on "
-                 "validation)")
+    ax_w.axhline(start, color="gray", lw=0.8, ls="--")
+    ax_w.set_title(f"start: 1/{round(1 / start)} (dashed)", fontsize=9)
+    label = m.get("label", f"MLP on {DATA}, lr chosen per arm on validation")
+    fig.suptitle(f"Switchable Norm vs BN and {control.upper()} ({label})")
     return save_plot(fig, out_dir, "sn_matches_best.png")
 
 
@@ -133,8 +193,9 @@ CLAIM = Claim(
            "of BN and LN at each batch is the one with the higher validation score."),
     measure=measure,
     effects=(
-        *(Effect(f"sn_vs_best_b{b}", f"SN minus the better of BN and LN, test accuracy at "
-                 f"batch {b}", "points", "equivalent", margin=MARGIN, previous_noise=3.6)
+        *(Effect(f"sn_vs_best_b{b}", "SN minus the better (on validation) of BN and the "
+                 f"per-sample norm (LN; GN at the paper scale), test accuracy at batch {b}",
+                 "points", "equivalent", margin=MARGIN, previous_noise=3.6)
           for b in (SMALL, LARGE)),
         Effect("bn_weight_shift", f"SN's weight on BN at batch {LARGE} minus at batch {SMALL}",
                "weight", "greater", threshold=0.0),
@@ -166,6 +227,40 @@ CLAIM = Claim(
     scale_note=("The paper's SN chooses among IN, LN and BN in 53 layers of a ResNet-50 over "
                 "100 ImageNet epochs; here SN chooses between LN and BN in 2 layers of an MLP "
                 "on 8x8 digits, a much smaller choice with less data to learn it from."),
-    requires=("normlab.nn.SwitchableNorm", "normlab.nn.LayerNorm", "normlab.nn.BatchNorm"),
+    requires=("normlab.nn.SwitchableNorm", "normlab.nn.LayerNorm", "normlab.nn.BatchNorm",
+              "normlab.nn.GroupNorm"),
     plot=plot,
+    scales=("small", "paper"),
+    paper_setup=("ResNet-20 (normlab.models.resnet, depth 3, widths 16/32/64) on CIFAR-10 "
+                 "read from --data-dir: the official test set, and a stratified fifth of "
+                 "the 50,000 training images, drawn by the seed, held out for validation, "
+                 "leaving 40,000 to train on. SN (SwitchableNorm2d at every norm position: "
+                 "IN, LN and BN mixed, each weight starting at 1/3), BN and GN (at most 32 "
+                 "groups, at least 2 channels a group; the per-sample norm, LN at the "
+                 f"small scale) at batch {SMALL} and {LARGE} on one device, as the paper "
+                 "compares SN with BN and GN per images-per-GPU setting; every arm "
+                 f"{PAPER_EPOCHS:g} epochs, claim 8's paper-scale epochs (100,000 steps at "
+                 f"batch {SMALL}, 12,500 at {LARGE}), so that the BN and GN arms are claim "
+                 "7's (and at batch 32 claim 8's) runs, computed once; SGD with momentum "
+                 "0.9, weight decay 1e-4 on every parameter (SN's mixture logits too, as "
+                 "in the paper), a cosine schedule from He et al.'s rate 0.1 at batch 128 "
+                 f"scaled linearly to the batch (0.003125 at {SMALL}, 0.025 at {LARGE}; the "
+                 "paper's own recipe is the same for its three norms, so no rate "
+                 "selection), random crops with 4-pixel padding and horizontal flips. The "
+                 "better of BN and GN at each batch is the one with the higher mean "
+                 "validation accuracy over the seeds (the test set chooses nothing); SN's "
+                 "weight on BN is the mean over its 21 layers (2 on shortcuts) of the "
+                 "mean of its mean- and variance-weights on BN, read after the last "
+                 "step. Cut from the "
+                 "paper: ResNet-50 on ImageNet for 100 epochs on 8 GPUs becomes ResNet-20 "
+                 "on CIFAR-10 for 10 epochs on one; of the batches 32/16/8/4/2 per GPU "
+                 f"only {LARGE} and {SMALL} are run; the paper's zero initial gain of each "
+                 "block's last SN is not used, so the three norms train the same network. "
+                 "The budget's seeds (5 by default, 10 with --full); each seed draws its "
+                 "validation part, initial weights, batch order and augmentation, shared "
+                 "by the six arms. About 3 GPU-hours one run at a time by an estimate of 5 "
+                 "ms a step for BN and GN and 10 ms for SN (three sets of statistics; not "
+                 "measured on a GPU), 1.6 of them the SN runs (the BN and GN runs cost "
+                 "nothing more after claim 7), less with several --workers sharing the "
+                 "GPU."),
 )
