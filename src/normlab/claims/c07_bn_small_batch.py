@@ -177,10 +177,10 @@ CLAIM = Claim(
                  "ResNet-50 on ImageNet for 100 epochs on 8 GPUs becomes ResNet-20 on "
                  "CIFAR-10 for 10 epochs on one, and of the batches 32/16/8/4/2 per GPU "
                  f"only {LARGE} and {SMALL} are run (batch 2 is claim 8's). The budget's "
-                 "seeds (5 by default, 10 with --full); each seed draws its validation "
+                 "seeds (10 by default, 20 with --full); each seed draws its validation "
                  "part, initial weights, batch order and augmentation, shared by the four "
-                 "arms. About 1.6 GPU-hours one run at a time by an estimate of 5 ms a "
-                 f"step (not measured on a GPU), 1.4 of them the batch-{SMALL} runs (the "
-                 f"batch-{LARGE} runs cost nothing more after claim 8), less with several "
-                 "--workers sharing the GPU."),
+                 "arms. 225,000 steps a seed: about 3 GPU-hours for 10 seeds one run at a "
+                 "time by an estimate of 5 ms a step (not measured on a GPU), 2.8 of them "
+                 f"the batch-{SMALL} runs (the batch-{LARGE} runs cost nothing more after "
+                 "claim 8), less with several --workers sharing the GPU."),
 )

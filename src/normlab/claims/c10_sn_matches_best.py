@@ -256,11 +256,12 @@ CLAIM = Claim(
                  "on CIFAR-10 for 10 epochs on one; of the batches 32/16/8/4/2 per GPU "
                  f"only {LARGE} and {SMALL} are run; the paper's zero initial gain of each "
                  "block's last SN is not used, so the three norms train the same network. "
-                 "The budget's seeds (5 by default, 10 with --full); each seed draws its "
+                 "The budget's seeds (10 by default, 20 with --full); each seed draws its "
                  "validation part, initial weights, batch order and augmentation, shared "
-                 "by the six arms. About 3 GPU-hours one run at a time by an estimate of 5 "
-                 "ms a step for BN and GN and 10 ms for SN (three sets of statistics; not "
-                 "measured on a GPU), 1.6 of them the SN runs (the BN and GN runs cost "
-                 "nothing more after claim 7), less with several --workers sharing the "
-                 "GPU."),
+                 "by the six arms. 112,500 SN steps and claim 7's 225,000 BN and GN steps "
+                 "a seed: about 6 GPU-hours for 10 seeds one run at a time by an estimate "
+                 "of 5 ms a step for BN and GN and 10 ms for SN (three sets of statistics; "
+                 "neither measured on a GPU), 3 of them the SN runs (the BN and GN runs "
+                 "cost nothing more after claim 7), less with several --workers sharing "
+                 "the GPU."),
 )
