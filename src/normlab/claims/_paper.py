@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 
 from normlab.claims.base import RunContext
 
-__all__ = ["DATA", "MODEL", "RESNET20", "BASE_LR", "BASE_BATCH", "TRAIN", "linear_lr",
-           "num_train", "steps_for", "run_kwargs", "run_arms"]
+__all__ = ["DATA", "MODEL", "RESNET20", "BASE_LR", "BASE_BATCH", "BATCH_SWEEP_EPOCHS", "TRAIN",
+           "linear_lr", "num_train", "steps_for", "run_kwargs", "run_arms"]
 
 DATA = "cifar10"
 MODEL = "resnet"
@@ -34,6 +34,9 @@ MODEL = "resnet"
 RESNET20 = {"width": 16, "depth": 3}
 #: He et al.'s CIFAR rate and the batch it belongs to.
 BASE_LR, BASE_BATCH = 0.1, 128
+#: Epochs of every arm of the batch-size claims (7, 8 and 10): one value, so that the
+#: arms they share (BN and GN at batch 4 and 32) are the same runs, computed once.
+BATCH_SWEEP_EPOCHS = 10.0
 #: He et al.'s recipe, passed to :func:`normlab.train.train` (the rate and steps apart).
 TRAIN = {"momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine", "augment": "crop_flip"}
 

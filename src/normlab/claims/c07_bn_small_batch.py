@@ -17,7 +17,6 @@ from normlab.claims._batch import (
     seed_dots,
 )
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.c08_gn_batch_stable import PAPER_EPOCHS
 from normlab.claims.design import train_run
 from normlab.claims.protocol import Effect
 
@@ -61,7 +60,7 @@ def measure_paper(ctx: RunContext) -> dict:
     scaled rates (no selection, as in the paper), every seed in one batch of runs."""
     arms = {f"{norm}_b{batch}": {"norm": norm, "batch": batch}
             for norm in PAPER_NORMS for batch in (SMALL, LARGE)}
-    out = _paper.run_arms(ctx, arms, PAPER_EPOCHS)
+    out = _paper.run_arms(ctx, arms, _paper.BATCH_SWEEP_EPOCHS)
     return {"effects": _effects(out["acc"], "gn"), "acc": out["acc"], "lr": out["lr"],
             "steps": out["steps"], "seeds": ctx.seeds, "control": "gn",
             "label": "ResNet-20 on CIFAR-10, fixed rates by the linear rule"}
@@ -166,7 +165,8 @@ CLAIM = Claim(
                  f"comparison: BN and, as their batch-independent control, GN (at most 32 "
                  "groups, at least 2 channels a group; the small scale uses LN in its "
                  f"place) at batch {SMALL} and {LARGE} on one device; every arm "
-                 f"{PAPER_EPOCHS:g} epochs, claim 8's paper-scale epochs (100,000 steps at "
+                 f"{_paper.BATCH_SWEEP_EPOCHS:g} epochs, claim 8's paper-scale epochs "
+                 "(100,000 steps at "
                  f"batch {SMALL}, 12,500 at {LARGE}), so that the batch-{LARGE} runs are "
                  "claim 8's own (the same run arguments, computed once for both claims); "
                  "SGD with momentum 0.9, weight decay 1e-4 on every parameter, a cosine "

@@ -28,7 +28,7 @@ STABLE_MARGIN = 2.0
 # The "paper" scale (``normlab study --scale paper --data-dir DIR``): Wu & He's
 # comparison moved from ResNet-50 on ImageNet to ResNet-20 on CIFAR-10 with He et al.'s
 # recipe (claims/_paper.py), sized for a few GPU-hours.
-PAPER_EPOCHS = 10.0
+PAPER_EPOCHS = _paper.BATCH_SWEEP_EPOCHS
 
 
 def _steps(ctx: RunContext, batch: int, num_train: int) -> int:

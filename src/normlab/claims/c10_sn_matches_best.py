@@ -19,7 +19,6 @@ from normlab.claims._batch import (
     seed_dots,
 )
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.c08_gn_batch_stable import PAPER_EPOCHS
 from normlab.claims.design import accuracy_or_chance, train_run
 from normlab.claims.protocol import Effect
 
@@ -106,9 +105,9 @@ def measure_paper(ctx: RunContext) -> dict:
     chosen on validation accuracy."""
     ref_arms = {f"{n}_b{b}": {"norm": n, "batch": b}
                 for n in PAPER_REFERENCES for b in (SMALL, LARGE)}
-    ref = _paper.run_arms(ctx, ref_arms, PAPER_EPOCHS)
+    ref = _paper.run_arms(ctx, ref_arms, _paper.BATCH_SWEEP_EPOCHS)
     sn_arms = {f"sn_b{b}": {"norm": "sn", "batch": b} for b in (SMALL, LARGE)}
-    sn = _paper.run_arms(ctx, sn_arms, PAPER_EPOCHS, fn=sn_run)
+    sn = _paper.run_arms(ctx, sn_arms, _paper.BATCH_SWEEP_EPOCHS, fn=sn_run)
     acc = {**ref["acc"], **sn["acc"]}
     best = {str(b): better_on_validation(ref["runs"], f"bn_b{b}", f"gn_b{b}")
             for b in (SMALL, LARGE)}
@@ -239,7 +238,8 @@ CLAIM = Claim(
                  "groups, at least 2 channels a group; the per-sample norm, LN at the "
                  f"small scale) at batch {SMALL} and {LARGE} on one device, as the paper "
                  "compares SN with BN and GN per images-per-GPU setting; every arm "
-                 f"{PAPER_EPOCHS:g} epochs, claim 8's paper-scale epochs (100,000 steps at "
+                 f"{_paper.BATCH_SWEEP_EPOCHS:g} epochs, claim 8's paper-scale epochs "
+                 "(100,000 steps at "
                  f"batch {SMALL}, 12,500 at {LARGE}), so that the BN and GN arms are claim "
                  "7's (and at batch 32 claim 8's) runs, computed once; SGD with momentum "
                  "0.9, weight decay 1e-4 on every parameter (SN's mixture logits too, as "
