@@ -67,6 +67,7 @@ def test_paper_scale_study_trains_the_three_arms_at_the_papers_rate(tmp_path, mo
     assert (m["scale"], m["lr"], m["scalar_lr"], m["depth"], m["batch"]) == \
         ("paper", 0.025, 0.01, 8, 32)  # 0.1 x 32/128 for the weights, 0.01 unscaled
     assert m["label"] == "ResNet-8 (width 16) on CIFAR-10"
+    assert (m["steps"], m["epochs"]) == (10, 8.0)  # the budget's 10 steps of 32 of 40 images
     assert all(len(v) == 2 for v in m["effects"].values())
     assert len(rec["run_files"]) == 6  # 3 arms x 2 seeds
     acc: dict = {}
@@ -100,6 +101,7 @@ def test_paper_scale_study_trains_the_three_arms_at_the_papers_rate(tmp_path, mo
     rate_title, title = c15._titles(m)
     assert "paper's fixed rate 0.025" in rate_title and "0.01" in rate_title
     assert title.startswith("ResNet-8 (width 16) on CIFAR-10") and "batch 32" in title
+    assert "8 epochs = 10 steps" in title
     assert "digits" not in title
 
 

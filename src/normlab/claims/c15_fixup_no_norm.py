@@ -106,12 +106,14 @@ def paper_kwargs(ctx: RunContext, arm: str, seed: int, steps: int) -> dict:
 def measure_paper(ctx: RunContext) -> dict:
     """The paper-scale measurement: the three arms at the paper's fixed rate (its claim
     is BN's rate, 0.1 at batch 128; no selection), every seed in one batch of runs."""
-    seeds = list(ctx.seeds)
-    steps = _paper.steps_for(ctx, PAPER_EPOCHS, PAPER_BATCH, _paper.num_train(ctx))
+    seeds, n_train = list(ctx.seeds), _paper.num_train(ctx)
+    steps = _paper.steps_for(ctx, PAPER_EPOCHS, PAPER_BATCH, n_train)
     runs = ctx.map(arm_run, [paper_kwargs(ctx, arm, s, steps) for arm in ARMS for s in seeds])
     lr = _paper.linear_lr(PAPER_BATCH)
+    # the epochs trained, which the budget's step scale may have cut
+    epochs = float(f"{steps * PAPER_BATCH / n_train:.3g}")
     return {**_by_arm(runs, seeds), "scale": "paper", "lr": lr, "scalar_lr": PAPER_SCALAR_LR,
-            "seeds": seeds, "steps": steps, "epochs": PAPER_EPOCHS, "depth": PAPER_DEPTH,
+            "seeds": seeds, "steps": steps, "epochs": epochs, "depth": PAPER_DEPTH,
             "batch": PAPER_BATCH,
             "label": f"ResNet-{PAPER_DEPTH} (width {_paper.RESNET20['width']}) on CIFAR-10"}
 
@@ -256,7 +258,7 @@ CLAIM = Claim(
                  "augmentation, shared by the three arms; a diverged run counts as chance "
                  "accuracy. About 2.3 GPU-hours at 10 seeds one run at a time (30 runs), by "
                  "an estimate of 30 ms a step (a ResNet-110 step at batch 128 is about 200 "
-                 "GFLOP in about 2,000 small kernels; not measured on a GPU), less where the "
-                 "plain net diverges early (the run stops) or several --workers share the "
-                 "GPU."),
+                 "GFLOP in 2,000 to 3,000 small kernels; not measured on a GPU), less where "
+                 "the plain net diverges early (the run stops) or several --workers share "
+                 "the GPU."),
 )
