@@ -128,7 +128,7 @@ def _never(ctx):
     raise AssertionError("a claim without a paper setup was measured at the paper scale")
 
 
-#: A claim with the default scales (small only), as every claim but 8 is today.
+#: A claim with the default scales (small only), as every claim but 8 and 15 is today.
 SMALL_ONLY = Claim(number=30, id="small_only", title="small only", statement="s", source="src",
                    setup="set", measure=_never)
 

@@ -381,7 +381,7 @@ def _add_study(sub) -> None:
                    "one with --workers CPUs on 127.0.0.1")
     p.add_argument("--scale", default="small", choices=("small", "paper"),
                    help="small (default): every claim's setup on the embedded datasets; "
-                   "paper: the papers' setups (ResNet-20 on CIFAR-10 from --data-dir, sized "
+                   "paper: the papers' setups (CIFAR ResNets on CIFAR-10 from --data-dir, sized "
                    "for one GPU in hours) for the claims that have one, the others are "
                    "reported as not run at this scale")
     p.add_argument("--data-dir", default=None, metavar="DIR",

@@ -120,7 +120,8 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
             momentum: float = 0.9, weight_decay: float = 0.0, schedule: str = "constant",
             warmup_steps: int = 0, enorm_c: float | None = None,
             scalar_lr: float | None = None, eval_every: int | None = None,
-            curve: bool = False) -> dict:
+            curve: bool = False, data_dir: str | None = None, augment: str | None = None,
+            log_every: int = 1) -> dict:
     """Build ``arm`` with ``torch.manual_seed(seed)``, train it with
     :func:`normlab.train.train` on the seed's fit split of ``data`` and return the
     training result (on :func:`normlab.claims.design.current_device`, as ``train_run``)
@@ -131,7 +132,16 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     (:func:`normlab.init.arpit_warmup`, then the constant rate; ``schedule`` must be
     ``"constant"``); ``enorm_c`` runs one ENorm cycle (``c = enorm_c``) after every
     step on a ``relu`` MLP; ``scalar_lr`` is Fixup's rate of its scalars (default
-    ``lr / 10``). ``curve=False`` drops the per-step training curve."""
+    ``lr / 10``). ``curve=False`` drops the per-step training curve.
+
+    ``data_dir`` reads ``data`` from that folder (``data="cifar10"``: the official
+    test set, a validation fifth of the training images drawn by the seed; see
+    :func:`normlab.claims.design.split`); ``augment`` and ``log_every`` pass to
+    :func:`normlab.train.train` (``"crop_flip"``: random 4-pixel-padded crops and
+    flips). The defaults (embedded data, no augmentation, a log every step) are the
+    behaviour before these options. The result's ``config["param_groups"]`` lists the
+    optimiser's groups as built, before any schedule: their name, rate, weight decay,
+    momentum and how many tensors and values each trains."""
     import torch
 
     from normlab.claims.design import current_device, split, with_validation
@@ -139,16 +149,34 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
 
     if enorm_c is not None and arm != "relu":
         raise ValueError(f"claims._arms: ENorm needs the plain 'relu' MLP, got arm {arm!r}")
-    fit, (x_val, y_val) = split(data, seed)
+    fit, (x_val, y_val) = split(data, seed, data_dir=data_dir)
     device = current_device()
     torch.manual_seed(seed)
     net = build_arm(arm, fit.in_shape, fit.num_classes, width, depth, seed)
     opts = _loop_options(arm, net, lr, momentum, weight_decay, warmup_steps, enorm_c,
                          scalar_lr)
+    groups: list = []
+    opts["optimizer"] = _recording(opts["optimizer"], groups)
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                    schedule=schedule, eval_every=eval_every, progress=False, device=device,
-                   **opts).to_dict()
+                   augment=augment, log_every=log_every, **opts).to_dict()
+    result["config"]["param_groups"] = groups
     return with_validation(result, net, (x_val, y_val), fit.num_classes, device, curve)
+
+
+def _recording(make_opt, groups: list):
+    """``make_opt`` that also appends a description of each group of the optimiser it
+    makes to ``groups``, read when it is built: the loop rescales the groups' rates
+    every step, so the stored rates are the ones the run was asked for."""
+    def make(params):
+        opt = make_opt(params)
+        groups.extend({"name": g.get("name", "all"), "lr": g["lr"],
+                       "weight_decay": g["weight_decay"], "momentum": g["momentum"],
+                       "tensors": len(g["params"]),
+                       "numel": sum(p.numel() for p in g["params"])}
+                      for g in opt.param_groups)
+        return opt
+    return make
 
 
 def loss_or_chance(result: Mapping, key: str = "final_train_loss") -> float:

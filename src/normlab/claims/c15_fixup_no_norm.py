@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from normlab.claims import _paper
 from normlab.claims._arms import arm_run, dot_plot
 from normlab.claims.base import Claim, RunContext, save_plot
 from normlab.claims.design import accuracy_or_chance, select_lr
@@ -27,6 +28,21 @@ ARMS = {"resnet_bn": "BatchNorm", "fixup": "Fixup (no norm)",
         "resnet_plain": "no norm, no Fixup"}
 COLORS = {"BatchNorm": "tab:blue", "Fixup (no norm)": "tab:orange",
           "no norm, no Fixup": "tab:gray"}
+
+# The "paper" scale (``normlab study --scale paper --data-dir DIR``): Zhang, Dauphin &
+# Ma's CIFAR-10 comparison (Table 1, ResNet-110) with their code's recipe, its 200
+# epochs cut to fit a few GPU-hours; the data and He et al.'s shared parts come from
+# claims/_paper.py. Read at call time (tests shrink the net to run in seconds).
+PAPER_DEPTH = 110  # 3 stages of 18 basic blocks, L = 54 residual branches
+PAPER_BATCH = 128
+PAPER_EPOCHS = 30.0
+#: The paper's code's CIFAR command without mixup (its README) sets 5e-4 on every
+#: parameter, scalars included; He et al.'s 1e-4 is the code's default with mixup.
+PAPER_WEIGHT_DECAY = 5e-4
+#: The code's scalar rate: its base rate / 10, not scaled with the batch.
+PAPER_SCALAR_LR = _paper.BASE_LR / 10
+#: Evaluations on the test set a run (reported as a curve, never used to choose).
+PAPER_EVALS = 10
 
 
 def scalar_lr(lr: float) -> float:
@@ -54,12 +70,9 @@ def _make(ctx: RunContext, arm: str):
     return make
 
 
-def measure(ctx: RunContext) -> dict:
-    seeds = ctx.seeds
-    sel = select_lr(ctx, arm_run, _make(ctx, "resnet_bn"), LR_GRID, seeds[:2])
-    lr = sel["lr"]  # every arm at BN's chosen rate: the claim's condition
-    kwargs = [_make(ctx, arm)(lr, s) for arm in ARMS for s in seeds]
-    runs = ctx.map(arm_run, kwargs)
+def _by_arm(runs: list, seeds: list) -> dict:
+    """The runs of :data:`ARMS` x ``seeds`` (arm-major) as the effects, accuracies
+    (a diverged run at chance), test curves and divergence flags of each arm."""
     acc, evals, diverged = {}, {}, {}
     for i, arm in enumerate(ARMS):
         chunk = runs[i * len(seeds):(i + 1) * len(seeds)]
@@ -70,7 +83,50 @@ def measure(ctx: RunContext) -> dict:
     fixup_vs_bn = [f - b for f, b in zip(acc["fixup"], acc["resnet_bn"], strict=True)]
     plain_behind = [b - p for b, p in zip(acc["resnet_bn"], acc["resnet_plain"], strict=True)]
     return {"effects": {"fixup_vs_bn": fixup_vs_bn, "plain_behind": plain_behind},
-            "acc": acc, "evals": evals, "diverged": diverged, "lr": sel,
+            "acc": acc, "evals": evals, "diverged": diverged}
+
+
+def paper_kwargs(ctx: RunContext, arm: str, seed: int, steps: int) -> dict:
+    """The :func:`arm_run` arguments of one paper-scale run: ResNet-:data:`PAPER_DEPTH`
+    of width 16 on CIFAR-10 from ``ctx.data_dir``, batch :data:`PAPER_BATCH` at the
+    paper's rate 0.1 x batch/128, SGD momentum 0.9, weight decay
+    :data:`PAPER_WEIGHT_DECAY`, cosine, crops and flips; Fixup's scalars at
+    :data:`PAPER_SCALAR_LR`."""
+    kw = {"arm": arm, "data": _paper.DATA, "data_dir": ctx.data_dir,
+          "width": _paper.RESNET20["width"], "depth": PAPER_DEPTH, "batch_size": PAPER_BATCH,
+          "lr": _paper.linear_lr(PAPER_BATCH), "steps": steps, "seed": seed,
+          "momentum": _paper.TRAIN["momentum"], "weight_decay": PAPER_WEIGHT_DECAY,
+          "schedule": _paper.TRAIN["schedule"], "augment": _paper.TRAIN["augment"],
+          "eval_every": max(1, steps // PAPER_EVALS), "log_every": max(1, steps // 200)}
+    if arm == "fixup":
+        kw["scalar_lr"] = PAPER_SCALAR_LR
+    return kw
+
+
+def measure_paper(ctx: RunContext) -> dict:
+    """The paper-scale measurement: the three arms at the paper's fixed rate (its claim
+    is BN's rate, 0.1 at batch 128; no selection), every seed in one batch of runs."""
+    seeds, n_train = list(ctx.seeds), _paper.num_train(ctx)
+    steps = _paper.steps_for(ctx, PAPER_EPOCHS, PAPER_BATCH, n_train)
+    runs = ctx.map(arm_run, [paper_kwargs(ctx, arm, s, steps) for arm in ARMS for s in seeds])
+    lr = _paper.linear_lr(PAPER_BATCH)
+    # the epochs trained, which the budget's step scale may have cut
+    epochs = float(f"{steps * PAPER_BATCH / n_train:.3g}")
+    return {**_by_arm(runs, seeds), "scale": "paper", "lr": lr, "scalar_lr": PAPER_SCALAR_LR,
+            "seeds": seeds, "steps": steps, "epochs": epochs, "depth": PAPER_DEPTH,
+            "batch": PAPER_BATCH,
+            "label": f"ResNet-{PAPER_DEPTH} (width {_paper.RESNET20['width']}) on CIFAR-10"}
+
+
+def measure(ctx: RunContext) -> dict:
+    if ctx.scale == "paper":
+        return measure_paper(ctx)
+    seeds = ctx.seeds
+    sel = select_lr(ctx, arm_run, _make(ctx, "resnet_bn"), LR_GRID, seeds[:2])
+    lr = sel["lr"]  # every arm at BN's chosen rate: the claim's condition
+    kwargs = [_make(ctx, arm)(lr, s) for arm in ARMS for s in seeds]
+    runs = ctx.map(arm_run, kwargs)
+    return {**_by_arm(runs, seeds), "lr": sel,
             "scalar_lr": scalar_lr(lr), "seeds": seeds, "steps": ctx.budget.steps(STEPS),
             "depth": _depth(ctx)}
 
@@ -84,7 +140,8 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     dot_plot(ax1, {ARMS[a]: m["acc"][a] for a in ARMS}, COLORS,
              "final test accuracy (%), one dot per seed")
-    ax1.set_title(f"all at BN's chosen rate {m['lr']['lr']:g}", fontsize=9)
+    rate_title, title = _titles(m)
+    ax1.set_title(rate_title, fontsize=9)
     for arm, label in ARMS.items():
         for i, e in enumerate(m["evals"][arm]):
             ax2.plot(e["step"], [100 * (a or 0.0) for a in e["test_acc"]],
@@ -94,10 +151,22 @@ def plot(m: dict, out_dir: Path) -> list[str]:
     ax2.set_ylabel("test accuracy (%), one line per seed")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.suptitle(f"ResNet-{m['depth']} (width {WIDTH}) on {DATA}: BN vs Fixup vs neither "
-                 f"(batch {BATCH}, cosine, {m['steps']} steps; a line ends where a run "
-                 "diverged)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return save_plot(fig, out_dir, "fixup_no_norm_curves.png")
+
+
+def _titles(m: dict) -> tuple[str, str]:
+    """The rate panel's title and the figure's, at the scale ``m`` was measured at."""
+    if m.get("scale") == "paper":
+        return (f"all at the paper's fixed rate {m['lr']:g} (Fixup's scalars "
+                f"{m['scalar_lr']:g})",
+                f"{m['label']}: BN vs Fixup vs neither (batch {m['batch']}, cosine, "
+                f"{m['epochs']:g} epochs = {m['steps']} steps, crops and flips; a line "
+                "ends where a run diverged)")
+    return (f"all at BN's chosen rate {m['lr']['lr']:g}",
+            f"ResNet-{m['depth']} (width {WIDTH}) on {DATA}: BN vs Fixup vs neither "
+            f"(batch {BATCH}, cosine, {m['steps']} steps; a line ends where a run "
+            "diverged)")
 
 
 CLAIM = Claim(
@@ -163,4 +232,33 @@ CLAIM = Claim(
                 "shows less of it, and a net this small may train without either."),
     requires=("normlab.models.fixup_resnet", "normlab.init.fixup_param_groups"),
     plot=plot,
+    scales=("small", "paper"),
+    paper_setup=(f"ResNet-{PAPER_DEPTH} (3 stages of 18 basic blocks, widths 16/32/64, L = "
+                 "54 residual branches) on CIFAR-10 read from --data-dir: the official test "
+                 "set, and a stratified fifth of the 50,000 training images, drawn by the "
+                 "seed, held out for validation (reported only), leaving 40,000 to train on "
+                 "(the paper trains on all 50,000). The three arms of the small scale, each "
+                 "built and trained by normlab.claims._arms.arm_run: normlab.models.resnet "
+                 "with BatchNorm; normlab.models.fixup_resnet (no norm, Fixup init, scalar "
+                 "biases and multipliers); normlab.models.resnet with norm='none' (He init, "
+                 "no Fixup). Every arm at the paper's fixed rate, the claim's condition: "
+                 f"{_paper.linear_lr(PAPER_BATCH):g} at batch {PAPER_BATCH} (BN's rate in He "
+                 "et al.'s recipe and the paper's code; no rate selection), Fixup's scalar "
+                 "biases and multipliers (and the classifier's bias, as in the paper's code) "
+                 f"in their own optimiser group at {PAPER_SCALAR_LR:g} (the code's base rate "
+                 "/ 10, not scaled with the batch). SGD with momentum 0.9, weight decay "
+                 f"{PAPER_WEIGHT_DECAY:g} on every parameter (the code's CIFAR command "
+                 "without mixup), random crops with 4-pixel padding and horizontal flips, "
+                 f"no mixup; {PAPER_EPOCHS:g} epochs (9,375 steps) with a cosine schedule "
+                 "(the paper: 200 epochs, the rate divided by 10 at 100 and 150; cosine is "
+                 "the code's --sgdr option, and the epochs are cut to fit the GPU budget), "
+                 f"the test accuracy evaluated {PAPER_EVALS} times a run for the curve (only "
+                 "the last counts). The budget's seeds (10 by default, 20 with --full); each "
+                 "seed draws its validation part, initial weights, batch order and "
+                 "augmentation, shared by the three arms; a diverged run counts as chance "
+                 "accuracy. About 2.3 GPU-hours at 10 seeds one run at a time (30 runs), by "
+                 "an estimate of 30 ms a step (a ResNet-110 step at batch 128 is about 200 "
+                 "GFLOP in 2,000 to 3,000 small kernels; not measured on a GPU), less where "
+                 "the plain net diverges early (the run stops) or several --workers share "
+                 "the GPU."),
 )
