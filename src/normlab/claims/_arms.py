@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["MLP_ARMS", "RESNET_ARMS", "ARMS", "build_arm", "arm_run", "loss_or_chance",
-           "dot_plot"]
+__all__ = ["MLP_ARMS", "RESNET_ARMS", "WN_RESNET_ARMS", "ARMS", "build_arm", "wn_resnet",
+           "arm_run", "arpit_warmup_cosine", "loss_or_chance", "dot_plot"]
 
 #: MLP arms: the SELU network (LeCun init), ReLU MLPs (He init) without and with BN,
 #: and ReLU MLPs whose hidden layers are weight-normalized, with torch's default
@@ -30,7 +30,10 @@ __all__ = ["MLP_ARMS", "RESNET_ARMS", "ARMS", "build_arm", "arm_run", "loss_or_c
 MLP_ARMS = ("selu", "relu", "relu_bn", "wn_standard", "wn_arpit")
 #: ResNet arms: CIFAR-style ResNet with BN, without normalization (He init), Fixup.
 RESNET_ARMS = ("resnet_bn", "resnet_plain", "fixup")
-ARMS = MLP_ARMS + RESNET_ARMS
+#: Arpit et al.'s weight-normalized ResNet without BN (:func:`wn_resnet`), with the
+#: standard init (He-normal ``v``, ``g = ||v||``) or Arpit et al.'s.
+WN_RESNET_ARMS = ("wn_resnet_standard", "wn_resnet_arpit")
+ARMS = MLP_ARMS + RESNET_ARMS + WN_RESNET_ARMS
 
 
 def wn_mlp(in_features: int, num_classes: int, width: int, depth: int):
@@ -49,10 +52,88 @@ def wn_mlp(in_features: int, num_classes: int, width: int, depth: int):
     return nn.Sequential(*layers)
 
 
+def _wn_block_class():
+    from torch import nn
+
+    class WNBlock(nn.Module):
+        """``x + conv2(relu(conv1(x)))``, the shortcut a 1x1 convolution where the
+        shape changes; no ReLU after the sum (Arpit et al.'s WN ResNet)."""
+
+        def __init__(self, conv1, conv2, shortcut):
+            super().__init__()
+            self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
+
+        def forward(self, x):
+            identity = x if self.shortcut is None else self.shortcut(x)
+            return identity + self.conv2(self.conv1(x).relu())
+
+    return WNBlock
+
+
+def wn_resnet(in_shape: Sequence[int], num_classes: int, width: int, depth: int,
+              init: str = "arpit", generator=None):
+    r"""Arpit, Campos & Bengio's weight-normalized CIFAR ResNet (no BN) of ``depth``
+    ``6n + 2``: a 3x3 stem of ``width`` channels (no ReLU after it), 3 stages of ``n``
+    blocks ``out = x + conv2(relu(conv1(x)))`` with ``width``, ``2 width``, ``4 width``
+    channels (stride 2 and a 1x1 shortcut at the first block of stages 2 and 3), global
+    average pooling and a plain ``Linear`` classifier. Every convolution is
+    weight-normalized (:func:`normlab.nn.weight_norm`, one norm per output channel),
+    with its bias.
+
+    ``init="arpit"``: :func:`normlab.init.arpit_init_` with the paper's gains (stem and
+    shortcut 1, ``conv1`` 2, ``conv2`` ``1/n``): orthogonal ``v``, zero biases,
+    ``g = sqrt(gain C_in / C_out)``. ``init="standard"``: the paper's baseline, ``v``
+    He-normal (``N(0, 2 / fan_in)``), zero biases and torch's weight-norm init
+    ``g = ||v||`` (the layer computes ``w = v``). The caller seeds torch's RNG (the
+    classifier, and the standard init's ``v``); ``generator`` draws Arpit's ``v``.
+
+    Shape: input ``(N, *in_shape)``, output ``(N, num_classes)``.
+    """
+    from torch import nn
+
+    from normlab.init import arpit_init_
+    from normlab.nn import weight_norm
+
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"claims._arms: a WN ResNet's depth must be 6n + 2 >= 8, got {depth}")
+    if init not in ("arpit", "standard"):
+        raise ValueError(f"claims._arms: wn_resnet init must be 'arpit' or 'standard', "
+                         f"got {init!r}")
+    n = (depth - 2) // 6
+
+    def conv(c_in: int, c_out: int, k: int, stride: int = 1, role: str = "relu"):
+        layer = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
+        if init == "standard":  # He et al.'s normal init, before g = ||v|| copies it
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        layer = weight_norm(layer)
+        layer.arpit_role = role
+        return layer
+
+    block = _wn_block_class()
+    stages, c_in = [], width
+    for stage in range(3):
+        c_out, blocks = width * 2 ** stage, []
+        for i in range(n):
+            stride = 2 if stage and not i else 1
+            short = conv(c_in, c_out, 1, stride, "linear") if stride > 1 or c_in != c_out \
+                else None
+            blocks.append(block(conv(c_in, c_out, 3, stride),
+                                conv(c_out, c_out, 3, role="residual"), short))
+            c_in = c_out
+        stages.append(nn.Sequential(*blocks))
+    net = nn.Sequential(conv(in_shape[0], width, 3, role="linear"), *stages,
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+    if init == "arpit":
+        arpit_init_(net, blocks_per_stage=n, generator=generator)
+    return net
+
+
 def build_arm(arm: str, in_shape: Sequence[int], num_classes: int, width: int, depth: int,
               seed: int = 0):
     """The model of ``arm`` (one of :data:`ARMS`); ``depth`` is hidden layers for an MLP
-    and the ResNet's depth ``6n + 2`` for a ResNet arm. The caller seeds torch's RNG."""
+    and the ResNet's depth ``6n + 2`` for a ResNet arm (:func:`wn_resnet` for
+    :data:`WN_RESNET_ARMS`). The caller seeds torch's RNG."""
     import torch
     from torch import nn
 
@@ -68,6 +149,9 @@ def build_arm(arm: str, in_shape: Sequence[int], num_classes: int, width: int, d
     if arm in ("relu", "relu_bn"):
         return models.build("mlp", in_shape, num_classes, norm="bn" if arm == "relu_bn"
                             else "none", width=width, depth=depth)
+    if arm in WN_RESNET_ARMS:
+        return wn_resnet(in_shape, num_classes, width, depth, arm.removeprefix("wn_resnet_"),
+                         torch.Generator().manual_seed(seed))
     if arm.startswith("wn_"):
         net = wn_mlp(features, num_classes, width, depth)
         if arm == "wn_arpit":
@@ -129,8 +213,9 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     ``val_loss``: None when the run diverged) and ``num_classes``.
 
     ``warmup_steps`` > 0 runs Arpit et al.'s quadratic warm-up
-    (:func:`normlab.init.arpit_warmup`, then the constant rate; ``schedule`` must be
-    ``"constant"``); ``enorm_c`` runs one ENorm cycle (``c = enorm_c``) after every
+    (:func:`normlab.init.arpit_warmup`, then the constant rate; with ``schedule=
+    "cosine"`` the ramp multiplies the cosine the other arms follow,
+    :func:`arpit_warmup_cosine`); ``enorm_c`` runs one ENorm cycle (``c = enorm_c``) after every
     step on a ``relu`` MLP; ``scalar_lr`` is Fixup's rate of its scalars (default
     ``lr / 10``). ``curve=False`` drops the per-step training curve.
 
@@ -155,6 +240,9 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
     net = build_arm(arm, fit.in_shape, fit.num_classes, width, depth, seed)
     opts = _loop_options(arm, net, lr, momentum, weight_decay, warmup_steps, enorm_c,
                          scalar_lr)
+    if warmup_steps and schedule == "cosine":  # one scheduler owns both
+        opts["scheduler"] = lambda opt: arpit_warmup_cosine(opt, warmup_steps, steps)
+        schedule = "constant"
     groups: list = []
     opts["optimizer"] = _recording(opts["optimizer"], groups)
     result = train(net, fit, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -162,6 +250,36 @@ def arm_run(*, arm: str, data: str = "digits", width: int = 64, depth: int = 8,
                    augment=augment, log_every=log_every, **opts).to_dict()
     result["config"]["param_groups"] = groups
     return with_validation(result, net, (x_val, y_val), fit.num_classes, device, curve)
+
+
+def arpit_warmup_cosine(optimizer, warmup_steps: int, steps: int):
+    r"""Arpit et al.'s quadratic warm-up on top of the training loop's cosine: every
+    group's rate at (0-based) step ``t`` is
+
+    .. math::
+        \text{lr}_t = \text{lr} \cdot \min(1, t / T)^2 \cdot
+        \tfrac12 \bigl(1 + \cos(\pi t / \text{steps})\bigr)
+
+    (``T`` = ``warmup_steps``; the second factor is :func:`normlab.train.lr_at`'s
+    cosine at rate 1, the schedule of the arms without warm-up), as the paper's code
+    ramps from 0 towards its schedule's current rate. A torch ``LambdaLR`` subclass
+    named ``ArpitWarmupCosine`` (the name the run's config records)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from normlab.train import lr_at
+
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) \
+            or not 0 < warmup_steps <= steps:
+        raise ValueError(f"claims._arms: warmup_steps must be an int in 1..steps ({steps}), "
+                         f"got {warmup_steps!r}")
+
+    class ArpitWarmupCosine(LambdaLR):
+        pass
+
+    def factor(t: int) -> float:
+        return min(1.0, t / warmup_steps) ** 2 * lr_at(t, steps, 1.0, "cosine")
+
+    return ArpitWarmupCosine(optimizer, factor)
 
 
 def _recording(make_opt, groups: list):
