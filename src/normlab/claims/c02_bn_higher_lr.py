@@ -90,8 +90,9 @@ PAPER_BATCH = 128
 #: training survives the rate, not the accuracy it ends at.
 PAPER_EPOCHS = 10.0
 #: Half-decade steps from 0.001 to about 3.2 at batch 128 (linear rule otherwise),
-#: around He et al.'s 0.1; extended as at the small scale.
-PAPER_LR_GRID = tuple(round(10 ** (k / 2 - 3), 6) for k in range(8))
+#: around He et al.'s 0.1; extended as at the small scale. Six significant digits, as
+#: :func:`normlab.claims._paper.linear_lr` gives them.
+PAPER_LR_GRID = tuple(float(f"{10 ** (k / 2 - 3):.6g}") for k in range(8))
 #: A run "trains" if its final test accuracy reaches this on CIFAR-10 (chance: 0.1).
 PAPER_TRAINS_ACC = 0.4
 PAPER_LABEL = "ResNet-20 on CIFAR-10"
