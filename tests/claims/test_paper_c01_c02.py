@@ -108,6 +108,7 @@ def test_claim1_paper_setup_chooses_each_rate_by_validation_area_at_a_constant_r
     # averaged with its neighbours, reaches 80%, and the mean accuracy in points
     at = _log_steps(12_500, 40)
     assert len(at) == 39  # the evaluation count the setup's estimate uses
+    assert c01.eval_steps(12_500, 40) == at
     for j in SEEDS:
         first, auc = {}, {}
         for norm in ("none", "bn"):
