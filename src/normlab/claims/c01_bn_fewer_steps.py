@@ -305,7 +305,8 @@ CLAIM = Claim(
         "rate would tie each curve's late gains to the length of the budget, not to the "
         "arm. Each arm's rate is chosen by the area under its validation-accuracy curve "
         f"(seeds 0-1) from {list(PAPER_LR_GRID)} (He et al.'s 0.1 down in steps of about "
-        "3; claim 3's grid), extended by 3x while the best is at an edge, because the "
+        "3; claim 3's grid), extended by 3x (at most twice) while the best is at an "
+        "edge, because the "
         "claim is about speed: a fixed 0.1 for both would leave the plain net diverging "
         "(without a norm a He-initialised ResNet's activations double in variance every "
         "block; on generated CIFAR-format data it diverged within 6 steps at 0.01), and a "
@@ -333,9 +334,9 @@ CLAIM = Claim(
         "al.'s 164, no schedule. The budget's seeds (10 by default, 20 with --full); each "
         "seed draws its validation part, initial weights, batch order and augmentation, "
         "shared by both arms. About 1 GPU-hour (1.6 with --full), an estimate, not "
-        "measured on a GPU: about 36 full runs (the selection's 5 to 7 rates x 2 seeds "
-        "an arm, the plain net's diverging runs stopping early, and the other 8 seeds of "
-        "both arms), each 12,500 steps at an assumed 5 ms (about 60 s) plus 39 "
+        "measured on a GPU: 30 to 38 full runs (the selection's 5 to 7 rates x 2 seeds "
+        "an arm, less the plain net's diverging runs, which stop early, and the other 8 "
+        "seeds of both arms), each 12,500 steps at an assumed 5 ms (about 60 s) plus 39 "
         "evaluations at an assumed 1 s (about 40 s), one run at a time; less with several "
         "--workers sharing the GPU."),
 )
