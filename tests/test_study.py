@@ -261,3 +261,28 @@ def test_cli_study_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda" in err[0] and "no CUDA" in err[0]
+
+
+def broken_run(x: int) -> dict:
+    raise RuntimeError(f"run {x} broke")
+
+
+def measure_broken_runs(ctx) -> dict:
+    ctx.map(affine, [{"x": 0, "offset": 0}])  # stored, then reused by the next study
+    ctx.map(broken_run, [{"x": s} for s in ctx.seeds])
+    return {"effects": {"d": [0.0] * len(ctx.seeds)}}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_run_is_counted_neither_computed_nor_reused(tmp_path, workers):
+    claim = _claim(5, "fake_broken_runs", measure_broken_runs, (Effect("d", "d", "u", "greater"),))
+    for attempt in range(2):
+        summary = run_study(tmp_path, budget=TINY, claims=[claim], workers=workers, grid=False,
+                            log=lambda line: None)
+        (rec,) = summary["claims"]
+        assert "broke" in rec["error"] and rec["verdict"] == "inconclusive"
+        assert len(rec["run_files"]) == 4  # the stored run and the three failed ones
+        # the first study computed the one good run, the second found it stored
+        assert (rec["runs_done"], rec["runs_reused"]) == ((1, 0) if attempt == 0 else (0, 1))
+        assert (summary["runs_done"], summary["runs_reused"]) == (rec["runs_done"],
+                                                                  rec["runs_reused"])

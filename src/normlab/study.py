@@ -249,6 +249,13 @@ class _ClaimJob:
         self.cpu_seconds += float(stored.get("cpu_seconds") or 0.0)
 
 
+def _runs_reused(job) -> int:
+    """Runs the job asked for that were stored before it computed them: the stored run
+    files it asked for, less those it computed (a run that failed is neither)."""
+    stored = sum((job.ctx.run_dir / name).exists() for name in job.ctx.run_files)
+    return max(0, stored - job.runs_done)
+
+
 def _record(job: _ClaimJob) -> dict:
     """The claim's record (see :mod:`normlab.report` for its keys), judged by the
     protocol, with its plots drawn."""
@@ -261,7 +268,7 @@ def _record(job: _ClaimJob) -> dict:
            "error": job.error, "traceback": job.tb, "plots": [], "plot_error": None,
            "seconds": round(time.perf_counter() - (job.started or time.perf_counter()), 2),
            "cpu_seconds": round(job.cpu_seconds, 2), "runs_done": job.runs_done,
-           "runs_reused": max(0, len(job.ctx.run_files) - job.runs_done),
+           "runs_reused": _runs_reused(job),
            "run_files": sorted(job.ctx.run_files), "warnings": job.warnings}
     if job.error is None:
         try:
@@ -711,8 +718,7 @@ def _run_locked(out, budget, found, claims, data, workers, grid, log, command, e
         summary_grid = {"config": gcfg, "runs": grid_job.measured["runs"]}
         atomic_write_json(out / "grid.json", json_safe(summary_grid))
     counters = {"runs_done": sum(j.runs_done for j in all_jobs),
-                "runs_reused": sum(max(0, len(j.ctx.run_files) - j.runs_done)
-                                   for j in all_jobs)}
+                "runs_reused": sum(_runs_reused(j) for j in all_jobs)}
     wall = round(time.perf_counter() - t0, 1)
     not_run = [r["id"] for r in records.values() if r["verdict"] == "not run at this scale"]
     _write_meta(out, budget, data, workers, found, grid, started, wall, counters,
