@@ -144,6 +144,10 @@ def test_paper_scale_study_measures_claim8_and_reports_the_others_not_run(tmp_pa
     assert gn["plot_error"] is None and gn["plots"]
     assert gn["verdict"] == "inconclusive"  # the test budget decides nothing
     assert gn["setup"].startswith("ResNet-20") and "CIFAR-10" in gn["setup"]
+    # the small setup's notes and the old protocol's noise figure are not this scale's
+    assert (gn["setup_change"], gn["scale_note"], gn["width_note"]) == ("", "", "")
+    assert all(e["previous_noise"] is None for e in gn["effects"])
+    assert gn["criterion_change"] is not None  # the criterion is the same at both scales
     acc = gn["measured"]["acc"]
     assert set(acc) == {"gn_b2", "gn_b32", "bn_b2", "bn_b32"}
     assert all(len(v) == 2 and all(0 <= a <= 100 for a in v) for v in acc.values())
@@ -177,6 +181,8 @@ def test_paper_scale_study_measures_claim8_and_reports_the_others_not_run(tmp_pa
     assert "re-run at the papers' scale" in readme
     assert "- **scale:** paper (the papers' setups" in readme
     assert "### Not run at this scale" in readme
+    assert "previous noise" not in readme and "Interval not halved" not in readme
+    assert "What changed in the setup" not in readme and "**Scale.**" not in readme
     assert "Not run at this scale (no setup at the study's scale): claim 30." in readme
     claims_json = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert {r["id"]: r["scale"] for r in claims_json} == {"small_only": "paper",

@@ -904,8 +904,10 @@ def _md_overview(forest: str | None, forest_error: str | None) -> str:
 
 
 _TABLE_HEAD = ("| # | claim | verdict | effect | estimate | 95% interval | claim needs | "
-               "effect verdict | half-width | previous noise → half-width |\n"
-               "|---|---|---|---|---|---|---|---|---|---|")
+               "effect verdict | half-width |")
+#: The last column, where some effect has the old protocol's noise figure (the small
+#: scale's claims; a study at another scale has none).
+_NOISE_HEAD = " previous noise → half-width |"
 
 
 def _claim_link(r: dict) -> str:
@@ -916,6 +918,9 @@ def _md_table(records: Sequence[dict]) -> str:
     """The claims table: one row per effect of the measured claims; then the claims without
     effects (verdict and reason, as recorded), then those not testable or not available."""
     L = ["## Claims"]
+    noise = any(e.get("previous_noise") is not None for r in records for e in _effects(r))
+    head = _TABLE_HEAD + (_NOISE_HEAD if noise else "")
+    head += "\n" + "|---" * head.count(" |") + "|"
     for r in records:
         if r["verdict"] in UNMEASURED_VERDICTS or not _effects(r):
             continue
@@ -927,8 +932,8 @@ def _md_table(records: Sequence[dict]) -> str:
             cells = lead + [name + (" (premise)" if e.get("role") == "premise" else ""),
                             f"{_signed(e.get('estimate'))} {unit}", _interval(e),
                             _md_cell(_rule(e)), _badge(e.get("verdict", "?")),
-                            _num(e.get("half_width")), _noise_change(e)]
-            L += ["", _TABLE_HEAD] if len(L) == 1 else []
+                            _num(e.get("half_width"))] + ([_noise_change(e)] if noise else [])
+            L += ["", head] if len(L) == 1 else []
             L.append("| " + " | ".join(cells) + " |")
     for title, keep in (
             ("Claims without effect estimates (recorded before the statistical protocol, or "

@@ -158,14 +158,20 @@ def select_claims(selection: Iterable | None, log=None) -> list[_Found]:
 
 
 def _claim_text(claim: Claim, scale: str = "small") -> dict:
-    """The descriptive fields of a claim at ``scale``, as stored with its result."""
+    """The descriptive fields of a claim at ``scale``, as stored with its result. The
+    notes about the small setup (how it changed, why its scale may explain a difference
+    from the paper, why its interval is not half the old protocol's noise figure) are
+    left out at another scale, where the claim's setup for that scale says what was cut."""
     change = claim.criterion_change
+    small = scale == "small"
     return {"id": claim.id, "number": claim.number, "title": claim.title, "scale": scale,
             "statement": claim.statement, "source": claim.source,
             "setup": claim.setup_at(scale),
-            "criterion": claim.criterion_text(), "setup_change": claim.setup_change,
+            "criterion": claim.criterion_text(),
+            "setup_change": claim.setup_change if small else "",
             "criterion_change": {"old": change[0], "new": change[1]} if change else None,
-            "scale_note": claim.scale_note, "width_note": claim.width_note,
+            "scale_note": claim.scale_note if small else "",
+            "width_note": claim.width_note if small else "",
             "requires": list(claim.requires)}
 
 
@@ -273,6 +279,9 @@ def _record(job: _ClaimJob) -> dict:
     if job.error is None:
         try:
             rec.update(judge(claim, job.measured, budget.decisive))
+            if job.ctx.scale != "small":  # the old protocol's noise was the small setup's
+                for effect in rec["effects"]:
+                    effect["previous_noise"] = None
         except Exception as err:
             rec["error"] = f"{type(err).__name__}: {err}"
             rec["traceback"] = traceback.format_exc()
