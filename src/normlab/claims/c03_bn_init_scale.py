@@ -60,20 +60,19 @@ def _paper_make(ctx: RunContext, norm: str, steps: int, scale: float = 1.0):
     return make
 
 
-def measure_paper(ctx: RunContext) -> dict:
-    """The paper-scale measurement: as :func:`measure` (each arm's rate chosen on
-    validation at scale 1 and kept at every scale) on ResNet-20 and CIFAR-10, each
-    stage's runs of both arms in one batch so that they can share the GPU."""
-    steps = _paper.steps_for(ctx, PAPER_EPOCHS, PAPER_BATCH, _paper.num_train(ctx))
+def _measure_with(ctx: RunContext, make, grid) -> dict:
+    """The measurement at either scale, ``make(norm, scale)`` giving an arm's
+    ``(lr, seed) -> run arguments``: each arm's rate chosen on validation at scale 1
+    (seeds 0-1; both arms' first round in one batch of runs) and kept at every scale,
+    then every arm, scale and seed in one batch."""
     scales, seeds = scales_for(ctx.budget), ctx.seeds
     norms = [norm for norm, _, _ in ARMS]
-    grid = [_paper.linear_lr(PAPER_BATCH, lr) for lr in PAPER_LR_GRID]
     # both arms' first selection round in one call; select_lr then finds it stored
-    ctx.map(train_run, [_paper_make(ctx, norm, steps)(lr, s) for norm in norms
+    ctx.map(train_run, [make(norm, 1.0)(float(f"{lr:.6g}"), s) for norm in norms
                         for lr in grid for s in seeds[:2]])
-    chosen = {norm: select_lr(ctx, train_run, _paper_make(ctx, norm, steps), grid, seeds[:2])
+    chosen = {norm: select_lr(ctx, train_run, make(norm, 1.0), grid, seeds[:2])
               for norm in norms}
-    runs = ctx.map(train_run, [_paper_make(ctx, norm, steps, sc)(chosen[norm]["lr"], seed)
+    runs = ctx.map(train_run, [make(norm, sc)(chosen[norm]["lr"], seed)
                                for norm in norms for sc in scales for seed in seeds])
     acc, sens, per_arm = {}, {}, len(scales) * len(seeds)
     for k, norm in enumerate(norms):
@@ -86,30 +85,23 @@ def measure_paper(ctx: RunContext) -> dict:
                       for j in range(len(seeds))]
     return {"effects": {"sensitivity_gap": differences(sens["none"], sens["bn"])},
             "sensitivity": sens, "acc": acc, "init_scales": scales, "lr": chosen,
-            "steps": steps, "seeds": seeds, "batch": PAPER_BATCH, "label": PAPER_LABEL}
+            "seeds": seeds}
+
+
+def measure_paper(ctx: RunContext) -> dict:
+    """The paper-scale measurement: as :func:`measure` on ResNet-20 and CIFAR-10."""
+    steps = _paper.steps_for(ctx, PAPER_EPOCHS, PAPER_BATCH, _paper.num_train(ctx))
+    grid = [_paper.linear_lr(PAPER_BATCH, lr) for lr in PAPER_LR_GRID]
+    m = _measure_with(ctx, lambda norm, scale: _paper_make(ctx, norm, steps, scale), grid)
+    return {**m, "steps": steps, "batch": PAPER_BATCH, "label": PAPER_LABEL}
 
 
 def measure(ctx: RunContext) -> dict:
     if ctx.scale == "paper":
         return measure_paper(ctx)
     steps = ctx.budget.steps(STEPS)
-    scales = scales_for(ctx.budget)
-    seeds = ctx.seeds
-    chosen, acc, sens = {}, {}, {}
-    for norm, _, _ in ARMS:
-        chosen[norm] = select_lr(ctx, train_run, _make(norm, steps), LR_GRID, seeds[:2])
-        lr = chosen[norm]["lr"]
-        runs = ctx.map(train_run, [_make(norm, steps, s)(lr, seed) for s in scales
-                                   for seed in seeds])
-        # acc[norm][i][j]: scale i, seed j (a diverged run counts at chance)
-        acc[norm] = [[points(accuracy_or_chance(r)) for r in runs[i * len(seeds):
-                                                                  (i + 1) * len(seeds)]]
-                     for i in range(len(scales))]
-        sens[norm] = [sensitivity([a[j] for a in acc[norm]], scales)
-                      for j in range(len(seeds))]
-    return {"effects": {"sensitivity_gap": differences(sens["none"], sens["bn"])},
-            "sensitivity": sens, "acc": acc, "init_scales": scales, "lr": chosen,
-            "steps": steps, "seeds": seeds}
+    return {**_measure_with(ctx, lambda norm, scale: _make(norm, steps, scale), LR_GRID),
+            "steps": steps}
 
 
 def plot(m: dict, out_dir: Path) -> list[str]:
