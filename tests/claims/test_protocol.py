@@ -130,6 +130,31 @@ def test_select_lr_extends_the_grid_until_the_best_is_bracketed(tmp_path):
     assert not stuck["bracketed"] and len(stuck["grid"]) == 4  # two extensions at most
 
 
+def _shifted_score(lr: float, seed: int, peak: float) -> dict:
+    # validation accuracy peaking at lr = peak (log scale)
+    return {"val_acc": 1.0 - (math.log10(lr) - math.log10(peak)) ** 2, "num_classes": 10}
+
+
+def test_select_lrs_is_select_lr_per_arm_with_the_first_round_in_one_batch(tmp_path):
+    from normlab.claims.design import select_lrs
+
+    def maker(peak):
+        return lambda lr, s: {"lr": lr, "seed": s, "peak": peak}
+
+    makes = {arm: maker(peak) for arm, peak in (("low", 0.01), ("mid", 0.05), ("high", 3.0))}
+    grid = [0.01, 0.03, 0.1]
+    alone = {arm: select_lr(RunContext("a", Budget("test", 1.0, 2), tmp_path / arm),
+                            _shifted_score, make, grid, [0, 1]) for arm, make in makes.items()}
+    planned = RunContext("p", Budget("test", 1.0, 2), tmp_path / "planned", plan=True)
+    with pytest.raises(PendingRuns) as info:  # the first call asks for every arm's round
+        select_lrs(planned, _shifted_score, makes, grid, [0, 1])
+    assert len(info.value.specs) == len(makes) * len(grid) * 2
+    ctx = RunContext("b", Budget("test", 1.0, 2), tmp_path / "together")
+    together = select_lrs(ctx, _shifted_score, makes, grid, [0, 1])
+    assert together == alone
+    assert together["mid"]["bracketed"] and together["high"]["lr"] == pytest.approx(0.9)
+
+
 def test_the_device_is_part_of_the_key_and_checked():
     from normlab.claims.design import current_device, on_device
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from normlab.claims import _paper
 from normlab.claims._bn_paper import ARMS, differences, seed_dots, tuned_runs
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.design import select_lr
+from normlab.claims.design import select_lrs
 from normlab.claims.protocol import Effect, points
 
 DATA = "digits"
@@ -176,11 +176,8 @@ def measure_paper(ctx: RunContext) -> dict:
     norms, seeds = [norm for norm, _, _ in ARMS], ctx.seeds
     grid = [_paper.linear_lr(PAPER_BATCH, lr) for lr in PAPER_LR_GRID]
     make = {norm: _paper_make(ctx, norm, steps, points_n) for norm in norms}
-    # both arms' first selection round in one call; select_lr then finds it stored
-    ctx.map(paper_curve_run, [make[norm](lr, s) for norm in norms for lr in grid
-                              for s in seeds[:2]])
-    sel = {norm: select_lr(ctx, paper_curve_run, make[norm], grid, seeds[:2],
-                           score=lambda r: area(r, "val_acc")) for norm in norms}
+    sel = select_lrs(ctx, paper_curve_run, make, grid, seeds[:2],
+                     score=lambda r: area(r, "val_acc"))
     results = ctx.map(paper_curve_run, [make[norm](sel[norm]["lr"], s) for norm in norms
                                         for s in seeds])
     runs = {norm: results[k * len(seeds):(k + 1) * len(seeds)]

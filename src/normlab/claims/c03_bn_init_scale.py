@@ -7,7 +7,7 @@ from pathlib import Path
 from normlab.claims import _paper
 from normlab.claims._bn_paper import ARMS, differences, seed_dots
 from normlab.claims.base import Claim, RunContext, save_plot
-from normlab.claims.design import accuracy_or_chance, select_lr, train_run
+from normlab.claims.design import accuracy_or_chance, select_lrs, train_run
 from normlab.claims.protocol import Effect, points
 
 DATA = "digits"
@@ -63,15 +63,11 @@ def _paper_make(ctx: RunContext, norm: str, steps: int, scale: float = 1.0):
 def _measure_with(ctx: RunContext, make, grid) -> dict:
     """The measurement at either scale, ``make(norm, scale)`` giving an arm's
     ``(lr, seed) -> run arguments``: each arm's rate chosen on validation at scale 1
-    (seeds 0-1; both arms' first round in one batch of runs) and kept at every scale,
-    then every arm, scale and seed in one batch."""
+    (seeds 0-1) and kept at every scale, then every arm, scale and seed in one batch."""
     scales, seeds = scales_for(ctx.budget), ctx.seeds
     norms = [norm for norm, _, _ in ARMS]
-    # both arms' first selection round in one call; select_lr then finds it stored
-    ctx.map(train_run, [make(norm, 1.0)(float(f"{lr:.6g}"), s) for norm in norms
-                        for lr in grid for s in seeds[:2]])
-    chosen = {norm: select_lr(ctx, train_run, make(norm, 1.0), grid, seeds[:2])
-              for norm in norms}
+    chosen = select_lrs(ctx, train_run, {norm: make(norm, 1.0) for norm in norms}, grid,
+                        seeds[:2])
     runs = ctx.map(train_run, [make(norm, sc)(chosen[norm]["lr"], seed)
                                for norm in norms for sc in scales for seed in seeds])
     acc, sens, per_arm = {}, {}, len(scales) * len(seeds)

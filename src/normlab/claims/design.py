@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["VAL_FRACTION", "split", "train_run", "with_validation", "select_lr",
-           "accuracy_or_chance",
+           "select_lrs", "accuracy_or_chance",
            "LR_EXTEND", "MAX_EXTENSIONS", "current_device", "on_device"]
 
 #: The share of the training split held out for validation.
@@ -186,3 +186,16 @@ def select_lr(ctx, fn: Callable, make_kwargs: Callable[[float, int], Mapping],
     bracketed = lrs[0] < best < lrs[-1]
     return {"lr": best, "grid": lrs, "scores": {str(lr): scores[lr] for lr in lrs},
             "bracketed": bracketed}
+
+
+def select_lrs(ctx, fn: Callable, makes: Mapping[str, Callable[[float, int], Mapping]],
+               grid: Sequence[float], seeds: Sequence[int],
+               score: Callable[[Mapping], float] | None = None) -> dict:
+    """:func:`select_lr` for several arms (``makes``: arm name -> its ``make_kwargs``),
+    every arm's first round asked for in one ``ctx.map`` call so that the arms' runs
+    are computed in parallel (each arm's selection then finds them stored; an
+    extension round is per arm). Returns ``{arm: select_lr's record}``."""
+    lrs = [float(f"{lr:.6g}") for lr in grid]
+    ctx.map(fn, [make(lr, s) for make in makes.values() for lr in lrs for s in seeds])
+    return {arm: select_lr(ctx, fn, make, grid, seeds, score=score)
+            for arm, make in makes.items()}
